@@ -1,0 +1,31 @@
+"""The exceptions dmb raises, and the one place C error codes become them."""
+
+from channels.exceptions import ChannelFull, InvalidChannelLayerError
+
+
+class DmbError(Exception):
+    """Base class of every dmb-specific error."""
+
+
+class ConfigError(DmbError, InvalidChannelLayerError):
+    """A CONFIG option of the layer is wrong; the message names it."""
+
+
+class SegmentError(DmbError, OSError):
+    """The shared-memory segment cannot be created, opened or used."""
+
+
+class SegmentCorrupt(SegmentError):
+    """The segment is damaged in a way repair could not mend."""
+
+
+class SegmentFull(DmbError, ChannelFull):
+    """The segment has no room left (message store or one of its tables)."""
+
+
+class MessageTooLarge(DmbError, ValueError):
+    """A message is larger than the layer's max_message_size."""
+
+
+class ForeignChannel(DmbError, ValueError):
+    """receive() on a process-specific channel that another process owns."""
