@@ -65,40 +65,17 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
 
     extensions = ["groups", "flush"]
 
-    def __init__(
-        self,
-        expiry=60,
-        group_expiry=86400,
-        capacity=100,
-        channel_capacity=None,
-        prefix="asgi",
-        size=DEFAULT_SIZE,
-        max_message_size=None,
-        mode=0o600,
-        **options,
-    ):
-        unknown = sorted(set(options) - set(IGNORED_OPTIONS))
-        if unknown:
-            raise ConfigError(
-                f"unknown CONFIG option(s) {', '.join(map(repr, unknown))} for "
-                f"dmb.SharedMemoryChannelLayer; it takes expiry, group_expiry, "
-                f"capacity, channel_capacity, prefix, size, max_message_size "
-                f"and mode (hosts and symmetric_encryption_keys are ignored)"
-            )
-        self.ignored_options = dict(options)
-        super().__init__(
-            expiry=_positive("expiry", expiry),
-            capacity=_positive("capacity", capacity, integer=True),
-        )
-        self.group_expiry = _positive("group_expiry", group_expiry)
-        self.channel_capacity = self.compile_capacities(
-            _check_channel_capacity(channel_capacity)
-        )
-        self.prefix = _check_prefix(prefix)
-        self.size = _check_size(size)
-        self.max_message_size = _check_max_message_size(max_message_size, size)
-        self.mode = _check_mode(mode)
-        self.segment_name = seg.segment_name(prefix)
+    def __init__(self, **config):
+        options = validate_config(config)
+        self.ignored_options = options.pop("ignored")
+        super().__init__(expiry=options["expiry"], capacity=options["capacity"])
+        self.group_expiry = options["group_expiry"]
+        self.channel_capacity = self.compile_capacities(options["channel_capacity"])
+        self.prefix = options["prefix"]
+        self.size = options["size"]
+        self.max_message_size = options["max_message_size"]
+        self.mode = options["mode"]
+        self.segment_name = seg.segment_name(self.prefix)
 
         self._expiry_ns = int(self.expiry * _NS)
         self._group_expiry_ns = int(self.group_expiry * _NS)
@@ -732,6 +709,48 @@ class _Scratch:
 
 
 # Validation of options: each names the option and says what it takes.
+
+#: Every option and its default (channels_redis's, where it has the option).
+DEFAULTS = {
+    "expiry": 60,
+    "group_expiry": 86400,
+    "capacity": 100,
+    "channel_capacity": None,
+    "prefix": "asgi",
+    "size": DEFAULT_SIZE,
+    "max_message_size": None,
+    "mode": 0o600,
+}
+
+
+def validate_config(config):
+    """Check a CONFIG dict; return every option's value, defaults filled in.
+
+    Raises ConfigError naming the first wrong option.  The channels_redis
+    options that mean nothing here come back under "ignored".
+    """
+    unknown = sorted(set(config) - set(DEFAULTS) - set(IGNORED_OPTIONS))
+    if unknown:
+        raise ConfigError(
+            f"unknown CONFIG option(s) {', '.join(map(repr, unknown))} for "
+            f"dmb.SharedMemoryChannelLayer; it takes {', '.join(DEFAULTS)} "
+            f"(and ignores {' and '.join(IGNORED_OPTIONS)})"
+        )
+    given = {**DEFAULTS, **config}
+    size = _check_size(given["size"])
+    return {
+        "expiry": _positive("expiry", given["expiry"]),
+        "group_expiry": _positive("group_expiry", given["group_expiry"]),
+        "capacity": _positive("capacity", given["capacity"], integer=True),
+        "channel_capacity": _check_channel_capacity(given["channel_capacity"]),
+        "prefix": _check_prefix(given["prefix"]),
+        "size": size,
+        "max_message_size": _check_max_message_size(
+            given["max_message_size"], size
+        ),
+        "mode": _check_mode(given["mode"]),
+        "ignored": {key: config[key] for key in IGNORED_OPTIONS if key in config},
+    }
 
 
 def _positive(option, value, integer=False):
