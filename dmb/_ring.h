@@ -209,7 +209,8 @@ int dmb_slot_acquire(struct dmb_handle *h, int32_t pid, uint64_t start_time,
 int dmb_slot_release(struct dmb_handle *h, uint32_t slot, uint32_t gen);
 
 /* Copy slot's state into *out (no lock: a snapshot for liveness checks). */
-int dmb_slot_info(struct dmb_handle *h, uint32_t slot, struct dmb_slot_info *out);
+int dmb_slot_info(struct dmb_handle *h, uint32_t slot,
+                  struct dmb_slot_info *out);
 
 /* Reclaim slot if it still holds (pid, start_time): as dmb_slot_release.
  * Returns 1 if reclaimed, 0 if the slot had changed. */
@@ -219,18 +220,19 @@ int dmb_slot_reclaim(struct dmb_handle *h, uint32_t slot, int32_t pid,
 /* Link a message into a channel.  deadline is CLOCK_MONOTONIC ns after
  * which the message expires.  Returns 0 or DMB_ERR_FULL, _NOSPACE,
  * _CHANNELS, _INVAL, _CORRUPT; on success *wake holds the slots to wake. */
-int dmb_send(struct dmb_handle *h, uint32_t slot, const char *name, uint32_t name_len,
-             uint32_t capacity, const void *data, uint32_t len, uint64_t now,
-             uint64_t deadline, struct dmb_wake *wake);
+int dmb_send(struct dmb_handle *h, uint32_t slot, const char *name,
+             uint32_t name_len, uint32_t capacity, const void *data,
+             uint32_t len, uint64_t now, uint64_t deadline,
+             struct dmb_wake *wake);
 
 /* Take the head message of a channel into buf.  Returns 1 with *len set,
  * 0 if empty (with DMB_RECV_WAIT, slot is now marked waiting and *len is
  * the channel's index, the one a sender's dmb_wake will name), or
  * DMB_ERR_TOOBIG with *len set to the size needed (nothing taken),
  * DMB_ERR_OWNER, DMB_ERR_CHANNELS, DMB_ERR_CORRUPT. */
-int dmb_recv(struct dmb_handle *h, uint32_t slot, const char *name, uint32_t name_len,
-             uint32_t capacity, uint64_t now, uint32_t flags, void *buf,
-             uint32_t buf_len, uint32_t *len);
+int dmb_recv(struct dmb_handle *h, uint32_t slot, const char *name,
+             uint32_t name_len, uint32_t capacity, uint64_t now,
+             uint32_t flags, void *buf, uint32_t buf_len, uint32_t *len);
 
 /* Stop marking slot as waiting on a channel. */
 int dmb_unwait(struct dmb_handle *h, uint32_t slot, const char *name,
@@ -243,7 +245,8 @@ int dmb_group_add(struct dmb_handle *h, uint32_t slot, const char *group,
                   uint32_t channel_len, uint32_t capacity, uint64_t now);
 
 /* Remove a membership if there is one (no error if not). */
-int dmb_group_discard(struct dmb_handle *h, const char *group, uint32_t group_len,
+int dmb_group_discard(struct dmb_handle *h, const char *group,
+                      uint32_t group_len,
                       const char *channel, uint32_t channel_len);
 
 /* Store data once and link it into every live member below capacity.
@@ -272,18 +275,22 @@ int dmb_stats(struct dmb_handle *h, struct dmb_stats *out);
 
 /* Iterate tables by index: 1 and *out filled if index is in use, 0 if
  * not, DMB_ERR_INVAL past the end. */
-int dmb_channel_at(struct dmb_handle *h, uint32_t index, struct dmb_channel_info *out);
-int dmb_group_at(struct dmb_handle *h, uint32_t index, struct dmb_group_info *out);
+int dmb_channel_at(struct dmb_handle *h, uint32_t index,
+                   struct dmb_channel_info *out);
+int dmb_group_at(struct dmb_handle *h, uint32_t index,
+                 struct dmb_group_info *out);
 
 /* The memberships of a group, from position start; returns how many of
  * at most n were written to out. */
-int dmb_group_members(struct dmb_handle *h, const char *group, uint32_t group_len,
+int dmb_group_members(struct dmb_handle *h, const char *group,
+                      uint32_t group_len,
                       uint32_t start, struct dmb_member_info *out,
                       uint32_t n);
 
 /* Copy the message at position pos of a channel without taking it.
  * Returns 1, 0 if there is none, or DMB_ERR_TOOBIG with *len set. */
-int dmb_peek(struct dmb_handle *h, const char *name, uint32_t name_len, uint32_t pos,
+int dmb_peek(struct dmb_handle *h, const char *name, uint32_t name_len,
+             uint32_t pos,
              void *buf, uint32_t buf_len, uint32_t *len,
              uint64_t *sent_ns);
 

@@ -49,7 +49,6 @@ _NS = 1_000_000_000
 _SWEEP_INTERVAL_NS = 2 * _NS
 _FIRST_BUFFER = 64 * 1024
 _EMPTY = object()
-_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 #: Every live layer of this process, for fork and exit handling.
 _layers = weakref.WeakSet()
@@ -608,7 +607,7 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
         if not isinstance(message, dict):
             raise TypeError(f"message must be a dict, not {type(message).__name__}")
         try:
-            data = _packb(message)
+            data = self._scratch().pack(message)
             # Refuse at the sender what a receiver could not unpack: keys
             # that are not str (or bytes).
             msgpack.unpackb(data, raw=False, strict_map_key=True)
@@ -701,6 +700,8 @@ class _Scratch:
         self.nospace = ffi.new("uint32_t *")
         self.len = ffi.new("uint32_t *")
         self.slot_info = ffi.new("struct dmb_slot_info *")
+        # A Packer keeps state between calls, so each thread has its own.
+        self.pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
         self.grow(_FIRST_BUFFER)
 
     def grow(self, size):
@@ -857,7 +858,7 @@ def _find_unsendable(value, path):
                 return found
         return path, None
     try:
-        _packb(value)
+        msgpack.packb(value, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
         return path, f"{type(value).__name__} {_short(value)}: {exc}"
     return path, None
