@@ -27,5 +27,17 @@ class MessageTooLarge(DmbError, ValueError):
     """A message is larger than the layer's max_message_size."""
 
 
-class ForeignChannel(DmbError, ValueError):
-    """receive() on a process-specific channel that another process owns."""
+class ForeignChannel(DmbError, ValueError, AssertionError):
+    """receive() on a process-specific channel that another process owns.
+
+    Also an AssertionError, which is what channels_redis raises here, so code
+    written against either layer catches it.
+    """
+
+
+class InvalidMessage(DmbError, TypeError, AssertionError):
+    """A message that is not a dict, or uses a key reserved by the layers.
+
+    Also an AssertionError, which is what channels_redis and Channels'
+    in-memory layer raise here.
+    """

@@ -29,6 +29,7 @@ from ._ring_cffi import ffi, lib
 from .errors import (
     ConfigError,
     ForeignChannel,
+    InvalidMessage,
     MessageTooLarge,
     SegmentCorrupt,
     SegmentError,
@@ -44,6 +45,8 @@ DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024
 #: and reported by the dmb.W001 system check.
 IGNORED_OPTIONS = ("hosts", "symmetric_encryption_keys")
 PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+#: The key channels_redis writes into messages to route them; refused here.
+RESERVED_KEY = "__asgi_channel__"
 
 _NS = 1_000_000_000
 _SWEEP_INTERVAL_NS = 2 * _NS
@@ -73,6 +76,7 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
         self.prefix = options["prefix"]
         self.size = options["size"]
         self.max_message_size = options["max_message_size"]
+        self._max_message_size_option = config.get("max_message_size")
         self.mode = options["mode"]
         self.segment_name = seg.segment_name(self.prefix)
 
@@ -95,8 +99,35 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
                 return
             if self._segment is None or self._segment.closed:
                 self._segment = seg.Segment(self.segment_name, self.size, self.mode)
+                self._fit_to_segment()
             self._h = self._segment.handle
             self._take_slot()
+
+    def _fit_to_segment(self):
+        """Take the message size limit from the segment actually attached.
+
+        Another process may have made the segment with another size, and
+        its store, not CONFIG 'size', bounds what one message can be: a
+        limit worked out from CONFIG alone would let send accept messages
+        the store can never hold, which then fail as if the segment were
+        merely full.
+        """
+        actual = self._segment.size
+        if actual == self.size:
+            return
+        try:
+            self.max_message_size = _check_max_message_size(
+                self._max_message_size_option, actual
+            )
+        except ConfigError:
+            self._segment.close()
+            raise ConfigError(
+                f"CONFIG 'max_message_size' ({self._max_message_size_option}) "
+                f"does not fit segment {self.segment_name!r}, which exists "
+                f"with {actual} bytes, not CONFIG size {self.size}; lower it, "
+                f"or remove the segment (python -m dmb.inspect --unlink "
+                f"--prefix {self.prefix}) so it is made anew"
+            ) from None
 
     def _take_slot(self):
         pid = os.getpid()
@@ -183,8 +214,9 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
             self._attach()
         name = channel.encode()
         wake = self._scratch().wake
-        rc = self._retrying(
-            lambda now: lib.dmb_send(
+
+        def operation(now):
+            return lib.dmb_send(
                 self._h,
                 self._slot,
                 name,
@@ -196,7 +228,12 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
                 now + self._expiry_ns,
                 wake,
             )
-        )
+
+        rc = self._retrying(operation)
+        if rc == lib.DMB_ERR_FULL and "!" in channel and self._owner_died(channel):
+            # Full because its process died busy (never waiting, so no
+            # failed wake-up told us): now reclaimed, the send is dropped.
+            rc = self._retrying(operation)
         if rc == lib.DMB_ERR_FULL:
             raise ChannelFull(channel)
         if rc < 0:
@@ -461,7 +498,20 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
             del self._waiting_index[index]
 
     def _unpack(self, data):
-        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+        # Every sender checked its message decodes to a dict (_pack), so
+        # anything else was damaged in the segment.  It has been taken
+        # already: say so rather than hand a consumer garbage.
+        try:
+            message = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except (ValueError, TypeError, OverflowError, msgpack.UnpackException):
+            message = None
+        if not isinstance(message, dict):
+            raise SegmentCorrupt(
+                f"segment {self.segment_name!r} held a damaged message "
+                f"({len(data)} bytes that do not decode to a dict); it was "
+                f"dropped"
+            )
+        return message
 
     def _check_owner(self, channel):
         head = channel[: channel.index("!")]
@@ -547,6 +597,22 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
                 continue
             self._reclaim_if_dead(slot, info.pid, info.start_time, info.token)
 
+    def _owner_died(self, channel):
+        """Is the process owning this specific channel gone?  If so, reclaim
+        its slot (which drops what its channels held) and say True."""
+        head = channel[: channel.index("!")]
+        info = self._scratch().slot_info
+        for slot in range(lib.DMB_MAX_SLOTS):
+            lib.dmb_slot_info(self._h, slot, info)
+            if not info.in_use or info.pid == self._pid:
+                continue
+            client = ffi.string(info.client).decode()
+            if head == client or head.endswith("." + client):
+                return self._reclaim_if_dead(
+                    slot, info.pid, info.start_time, info.token
+                )
+        return False
+
     def _reclaim_if_dead(self, slot, pid, start_time, token):
         if pid == self._pid or seg.process_alive(pid, start_time):
             return False
@@ -605,7 +671,15 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
 
     def _pack(self, message):
         if not isinstance(message, dict):
-            raise TypeError(f"message must be a dict, not {type(message).__name__}")
+            raise InvalidMessage(
+                f"message must be a dict, not {type(message).__name__}"
+            )
+        if RESERVED_KEY in message:
+            raise InvalidMessage(
+                f"message key {RESERVED_KEY!r} is reserved: channels_redis "
+                f"routes by it, so a message carrying it would not survive a "
+                f"switch of BACKEND"
+            )
         try:
             data = self._scratch().pack(message)
             # Refuse at the sender what a receiver could not unpack: keys
@@ -644,6 +718,14 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
             )
         if rc == lib.DMB_ERR_LOCK:
             return SegmentError(f"{what}: the lock of segment {name!r} is unusable")
+        if rc == lib.DMB_ERR_STALLED:
+            return SegmentError(
+                f"{what}: the lock of segment {name!r} has been held for over "
+                f"10 s, much longer than any operation takes: a process holding "
+                f"it is stopped (SIGSTOP, a debugger), or the segment is "
+                f"damaged; see its processes with python -m dmb.inspect "
+                f"--prefix {self.prefix}"
+            )
         return SegmentError(f"{what}: segment {name!r} refused it (code {rc})")
 
     def _usage(self, rc):
@@ -740,9 +822,13 @@ def validate_config(config):
     given = {**DEFAULTS, **config}
     size = _check_size(given["size"])
     return {
-        "expiry": _positive("expiry", given["expiry"]),
-        "group_expiry": _positive("group_expiry", given["group_expiry"]),
-        "capacity": _positive("capacity", given["capacity"], integer=True),
+        "expiry": _positive("expiry", given["expiry"], maximum=MAX_SECONDS),
+        "group_expiry": _positive(
+            "group_expiry", given["group_expiry"], maximum=MAX_SECONDS
+        ),
+        "capacity": _positive(
+            "capacity", given["capacity"], integer=True, maximum=MAX_CAPACITY
+        ),
         "channel_capacity": _check_channel_capacity(given["channel_capacity"]),
         "prefix": _check_prefix(given["prefix"]),
         "size": size,
@@ -754,11 +840,20 @@ def validate_config(config):
     }
 
 
-def _positive(option, value, integer=False):
+#: The largest values the C core's fields carry: capacities are 32-bit, and
+#: a time limit in nanoseconds plus the clock must fit in 64 bits.
+MAX_CAPACITY = 2**32 - 1
+MAX_SECONDS = 2**32  # about 136 years
+
+
+def _positive(option, value, integer=False, maximum=None):
     kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+    # "not value > 0" also refuses NaN, which compares false to everything.
+    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
         wanted = "a positive integer" if integer else "a positive number"
         raise ConfigError(f"CONFIG {option!r} must be {wanted}, not {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"CONFIG {option!r} must be at most {maximum}, not {value!r}")
     return value
 
 
@@ -776,7 +871,12 @@ def _check_channel_capacity(channel_capacity):
                 f"CONFIG 'channel_capacity' key {pattern!r} must be a glob "
                 f"string or a compiled regex"
             )
-        _positive(f"channel_capacity[{pattern!r}]", capacity, integer=True)
+        _positive(
+            f"channel_capacity[{pattern!r}]",
+            capacity,
+            integer=True,
+            maximum=MAX_CAPACITY,
+        )
     return channel_capacity
 
 

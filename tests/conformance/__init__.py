@@ -1,0 +1,1 @@
+"""One behaviour contract, checked against every channel layer backend."""
