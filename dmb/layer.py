@@ -78,7 +78,9 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
         self.max_message_size = options["max_message_size"]
         self._max_message_size_option = config.get("max_message_size")
         self.mode = options["mode"]
-        self.segment_name = seg.segment_name(self.prefix)
+        self.segment_name = seg.segment_name(
+            self.prefix, shared=bool(self.mode & 0o077)
+        )
 
         self._expiry_ns = int(self.expiry * _NS)
         self._group_expiry_ns = int(self.group_expiry * _NS)

@@ -13,6 +13,7 @@ opener.  The segment outlives its processes: it goes only when
 ``unlink_segment`` (``python -m dmb.inspect --unlink``) removes it.
 """
 
+import errno
 import fcntl
 import glob
 import hashlib
@@ -42,18 +43,20 @@ SHM_DIR = "/dev/shm"
 MIN_SIZE = lib.dmb_min_size()
 
 
-def segment_name(prefix, uid=None):
+def segment_name(prefix, uid=None, shared=False):
     """Return the shared-memory name the layer uses for ``prefix``.
 
-    The user id keeps two users' segments apart; a prefix too long for the
-    31-byte limit is shortened and made unique by a hash.
+    A private segment (mode 0o600) carries the user id, which keeps two
+    users' segments apart; a ``shared`` one (a mode that lets a group or
+    others in) does not, so processes of several users meet in it.  A name
+    too long for the 31-byte limit is shortened and made unique by a hash.
     """
-    uid = os.getuid() if uid is None else uid
-    name = f"/dmb-{uid}-{prefix}"
+    owner = "s" if shared else os.getuid() if uid is None else uid
+    head = f"/dmb-{owner}-"
+    name = head + prefix
     if len(name) <= NAME_LIMIT:
         return name
     digest = hashlib.sha1(prefix.encode()).hexdigest()[:8]
-    head = f"/dmb-{uid}-"
     keep = NAME_LIMIT - len(head) - len(digest) - 1
     return f"{head}{prefix[:keep]}-{digest}"
 
@@ -123,12 +126,17 @@ class Segment:
     ``close()`` drops this process's mapping and leaves the segment to the
     others; ``unlink()`` removes its name.  Both are safe to call after a
     failed construction and more than once.
+
+    With ``create=False`` (``python -m dmb.inspect``) nothing is made or
+    formatted: an absent segment raises ``FileNotFoundError``, one never
+    formatted raises ``SegmentError``, and ``size`` is not needed.
     """
 
-    def __init__(self, name, size, mode=0o600):
+    def __init__(self, name, size=None, mode=0o600, create=True):
         self.name = name
         self.requested_size = size
         self.mode = mode
+        self.create = create
         self.size = 0
         self.created = False
         self.handle = ffi.new("struct dmb_handle *")
@@ -145,6 +153,8 @@ class Segment:
         try:
             fcntl.flock(shm.fd, fcntl.LOCK_EX)
             size = os.fstat(shm.fd).st_size
+            if not self.create and size == 0:
+                raise self._unformatted_error()
             if self.created or size == 0:
                 self._format(shm.fd)
             else:
@@ -157,6 +167,8 @@ class Segment:
 
     def _shm_open(self):
         """Open the object, making it if it does not exist."""
+        if not self.create:
+            return self._shm_open_existing()
         try:
             shm = posix_ipc.SharedMemory(
                 self.name, posix_ipc.O_CREX, mode=self.mode, size=0
@@ -175,6 +187,23 @@ class Segment:
         except posix_ipc.ExistentialError:
             # Removed between our two calls: start again.
             return self._shm_open()
+
+    def _shm_open_existing(self):
+        try:
+            return posix_ipc.SharedMemory(self.name, 0)
+        except posix_ipc.PermissionsError as exc:
+            raise self._permission_error(exc) from None
+        except posix_ipc.ExistentialError:
+            raise FileNotFoundError(
+                errno.ENOENT, f"no such segment {self.name!r}", segment_path(self.name)
+            ) from None
+
+    def _unformatted_error(self):
+        return SegmentError(
+            f"segment {self.name!r} was never initialised (its maker died, or "
+            f"it was made by hand); the next process that opens it as a layer "
+            f"formats it"
+        )
 
     def _permission_error(self, exc):
         return SegmentError(
@@ -207,6 +236,8 @@ class Segment:
     def _attach(self, fd, mapped):
         self._map_segment(fd, mapped)
         rc = lib.dmb_attach(self.handle, self._base, mapped)
+        if rc == lib.DMB_ERR_UNINIT and not self.create:
+            raise self._unformatted_error()
         if rc == lib.DMB_ERR_UNINIT:
             # All zero: its maker died before formatting it, or it was made
             # by hand.  Nobody can be using it, so format it afresh.
@@ -218,7 +249,7 @@ class Segment:
         if rc != 0:
             raise self._attach_error(rc, mapped)
         self.size = lib.dmb_header_size(self._base, mapped)
-        if self.size != self.requested_size:
+        if self.create and self.size != self.requested_size:
             logger.warning(
                 "segment %s already exists with %d bytes; CONFIG size %d is "
                 "ignored until the segment is removed",

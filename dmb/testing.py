@@ -48,12 +48,15 @@ def isolated_channel_layers(base="test"):
 
     layers = {}
     prefixes = []
+    names = []
     for alias, entry in getattr(settings, "CHANNEL_LAYERS", {}).items():
         entry = dict(entry)
         if entry.get("BACKEND") in BACKENDS:
             prefix = test_prefix(base)
             prefixes.append(prefix)
             entry["CONFIG"] = {**entry.get("CONFIG", {}), "prefix": prefix}
+            shared = bool(entry["CONFIG"].get("mode", 0o600) & 0o077)
+            names.append(segment_name(prefix, shared=shared))
         layers[alias] = entry
     with override_settings(CHANNEL_LAYERS=layers):
         channel_layers.backends = {}
@@ -65,8 +68,8 @@ def isolated_channel_layers(base="test"):
                 if close is not None:
                     close()
             channel_layers.backends = {}
-            for prefix in prefixes:
-                unlink_segment(segment_name(prefix))
+            for name in names:
+                unlink_segment(name)
 
 
 def _pytest_fixture():
