@@ -44,6 +44,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #define DMB_MAGIC 0x31474e4952424d44ULL /* "DMBRING1" */
@@ -139,6 +140,8 @@ struct dmb_header {
     uint32_t queued;
     uint32_t slot_gen;
     struct dmb_counters counters;
+    uint32_t move_node; /* a dmb_move in flight: its node + 1, 0 if none */
+    uint32_t move_dst;  /* and the channel it goes to (see repair_move) */
 };
 
 _Static_assert(sizeof(struct dmb_slot) == 80, "slot layout");
@@ -360,12 +363,44 @@ static void mask_clear(uint64_t *m, uint32_t slot)
 
 static void repair_locked(struct dmb_handle *h);
 
+/* How long lock() waits for a holder that does not let go.  A holder
+ * keeps the lock for microseconds, and one that dies is noticed at once
+ * (EOWNERDEAD); but one that is stopped (SIGSTOP, a debugger), or a lock
+ * word damaged into "held", would otherwise stall every process of the
+ * site for good.  Tests shorten it (dmb_test_lock_patience). */
+static uint64_t lock_patience_ns = 10ull * 1000000000ull;
+
+void dmb_test_lock_patience(uint64_t ms)
+{
+    lock_patience_ns = ms * 1000000ull;
+}
+
+/* pthread_mutex_lock with a time limit; the clock is read only when the
+ * lock is taken, outside it. */
+static int wait_for_lock(pthread_mutex_t *m)
+{
+    struct timespec t;
+    uint64_t ns;
+    int rc = pthread_mutex_trylock(m);
+
+    if (rc != EBUSY)
+        return rc;
+    clock_gettime(CLOCK_REALTIME, &t);
+    ns = (uint64_t)t.tv_nsec + lock_patience_ns;
+    t.tv_sec += (time_t)(ns / 1000000000ull);
+    t.tv_nsec = (long)(ns % 1000000000ull);
+    return pthread_mutex_timedlock(m, &t);
+}
+
 /* Take the segment lock.  A holder that died leaves EOWNERDEAD: repair
- * everything it may have half-done (I2), then mark the mutex usable. */
+ * everything it may have half-done (I2), then mark the mutex usable.
+ * DMB_ERR_STALLED if it stays held past lock_patience_ns. */
 static int lock(struct dmb_handle *h)
 {
-    int rc = pthread_mutex_lock(&HDR(h)->lock);
+    int rc = wait_for_lock(&HDR(h)->lock);
 
+    if (rc == ETIMEDOUT)
+        return DMB_ERR_STALLED;
     if (rc == EOWNERDEAD) {
         repair_locked(h);
         HDR(h)->counters.repairs++;
@@ -481,6 +516,10 @@ static int copy_record(struct dmb_handle *h, uint32_t rec, void *buf,
     if (rec >= h->geo.blocks)
         return DMB_ERR_CORRUPT;
     total = block(h, rec)->len;
+    /* A length the whole store could not hold is damage, not a request
+     * for a buffer of up to 4 GiB. */
+    if (total > (uint64_t)h->geo.blocks * BLOCK_PAYLOAD)
+        return DMB_ERR_CORRUPT;
     *len = total;
     if (total > buf_len)
         return DMB_ERR_TOOBIG;
@@ -863,12 +902,17 @@ static void remove_member_and_tidy(struct dmb_handle *h, uint32_t i)
     drop_channel_if_idle(h, c);
 }
 
+/* Every index remove_member follows must be in range (I4). */
 static int check_member(struct dmb_handle *h, uint32_t i)
 {
-    struct dmb_member *m = member(h, i);
+    struct dmb_member *m;
 
-    if (i >= h->geo.members || m->group >= h->geo.groups ||
-        m->channel >= h->geo.channels)
+    if (i >= h->geo.members)
+        return DMB_ERR_CORRUPT;
+    m = member(h, i);
+    if (m->group >= h->geo.groups || m->channel >= h->geo.channels ||
+        (m->gprev != DMB_NONE && m->gprev >= h->geo.members) ||
+        (m->gnext != DMB_NONE && m->gnext >= h->geo.members))
         return DMB_ERR_CORRUPT;
     return 0;
 }
@@ -1972,6 +2016,27 @@ static void rebuild_free_lists(struct dmb_handle *h)
         hd->peak_blocks = hd->used_blocks;
 }
 
+/* Restore the accounting identity of struct dmb_counters.  A holder that
+ * died between linking a message and counting it (or between taking one
+ * and counting it received) leaves it off by the messages in flight; so
+ * does damage that repair cut away.  A message queued but not counted
+ * sent is counted sent now; one counted sent that is neither queued nor
+ * counted anywhere else went with a dead process: dropped_dead.  On a
+ * sound segment this changes nothing. */
+static void reconcile_counters(struct dmb_handle *h)
+{
+    struct dmb_counters *c = &HDR(h)->counters;
+    uint64_t ended = c->received + c->expired + c->dropped_full +
+                     c->dropped_dead + c->flushed + HDR(h)->queued;
+
+    if (c->sent > ended)
+        c->dropped_dead += c->sent - ended;
+    else
+        c->sent = ended;
+}
+
+static void repair_move(struct dmb_handle *h);
+
 static void repair_locked(struct dmb_handle *h)
 {
     struct dmb_header *hd = HDR(h);
@@ -1994,8 +2059,10 @@ static void repair_locked(struct dmb_handle *h)
     }
     hd->queued = 0;
     repair_channels(h);
+    repair_move(h); /* before anything unreached is freed */
     repair_groups(h);
     rebuild_free_lists(h);
+    reconcile_counters(h);
 }
 
 int dmb_repair(struct dmb_handle *h)
@@ -2008,4 +2075,387 @@ int dmb_repair(struct dmb_handle *h)
     HDR(h)->counters.repairs++;
     unlock(h);
     return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Moving messages between channels (dmb/kombu.py's acknowledgements).  */
+/*
+ * A consumer that acknowledges takes a message by moving it from its
+ * queue into a pending channel of its own, in one locked step, and later
+ * settles it by reference: dropped once acknowledged, moved back when
+ * rejected.  Whoever finds the consumer's process dead moves the rest of
+ * its pending channel back to the queue.  Pending channels are plain
+ * channels, so dmb_repair walks them like any other.
+ *
+ * A move unlinks a node from one queue and links the same node into
+ * another: two stores.  A holder killed between them would leave the
+ * node on neither queue, a lost message (I2's leaked entry), so the move
+ * is first written into the header (move_node, move_dst) and
+ * repair_move finishes a move it finds cut short.  A message is thus in
+ * exactly one channel at every instant: never lost, never doubled.
+ */
+
+/* A compiler barrier: no store moves across it, so a process killed at
+ * any instruction has made its stores in program order.  The robust
+ * mutex publishes them to the process that repairs (its EOWNERDEAD
+ * acquire pairs with the dead holder's last stores). */
+#define STEP() __atomic_signal_fence(__ATOMIC_SEQ_CST)
+
+/* Unlink node n, whose predecessor in c's queue is prev (DMB_NONE for
+ * the head), and update what derives from the links.  The caller has
+ * checked n and its record (I4). */
+static void unlink_node(struct dmb_handle *h, struct dmb_channel *c,
+                        uint32_t prev, uint32_t n)
+{
+    uint32_t len = block(h, node(h, n)->record)->len;
+
+    if (prev == DMB_NONE)
+        c->head = node(h, n)->next; /* unlinks it (I2) */
+    else
+        node(h, prev)->next = node(h, n)->next; /* unlinks it (I2) */
+    if (c->tail == n)
+        c->tail = prev;
+    if (c->depth)
+        c->depth--;
+    c->bytes -= c->bytes < len ? c->bytes : len;
+    if (HDR(h)->queued)
+        HDR(h)->queued--;
+}
+
+/* Move node n (after prev in src) to the tail of channel di, whose tail
+ * the caller has checked.  The node is stamped no earlier than now and
+ * later than di's tail, so (node, stamp) names this delivery alone. */
+static void transfer(struct dmb_handle *h, struct dmb_channel *src,
+                     uint32_t prev, uint32_t n, uint32_t di, uint64_t now)
+{
+    struct dmb_header *hd = HDR(h);
+    struct dmb_channel *dst = chan(h, di);
+    uint64_t stamp = now;
+
+    if (dst->head != DMB_NONE && node(h, dst->tail)->sent_ns >= stamp)
+        stamp = node(h, dst->tail)->sent_ns + 1;
+    hd->move_dst = di;
+    STEP();
+    hd->move_node = n + 1; /* from here on, repair_move finishes it */
+    STEP();
+    unlink_node(h, src, prev, n);
+    STEP();
+    crash_here(11);
+    node(h, n)->sent_ns = stamp;
+    append_node(h, dst, n, block(h, node(h, n)->record)->len);
+    STEP();
+    hd->move_node = 0;
+}
+
+/* Finish a move whose process died inside transfer(): a node in flight
+ * that the walk of repair_channels reached from no queue goes to the
+ * tail of its destination.  Runs before the free lists are rebuilt. */
+static void repair_move(struct dmb_handle *h)
+{
+    struct dmb_header *hd = HDR(h);
+    uint32_t n = hd->move_node - 1, di = hd->move_dst;
+
+    hd->move_node = 0;
+    if (n >= h->geo.nodes || mark_nodes(h)[n] != MARK_FREE ||
+        di >= h->geo.channels || !marked_kept(mark_channels(h)[di]) ||
+        !keep_record(h, node(h, n)->record))
+        return;
+    mark_nodes(h)[n] = MARK_USED;
+    append_node(h, chan(h, di), n, block(h, node(h, n)->record)->len);
+}
+
+/* Find or make the destination of a move: its index in *di, and 0, or
+ * DMB_ERR_FULL at capacity, or what find_or_make_channel returns. */
+static int open_dst(struct dmb_handle *h, const char *dst, uint32_t dst_len,
+                    uint32_t capacity, uint32_t *di)
+{
+    struct dmb_channel *d;
+    int rc = find_or_make_channel(h, dst, dst_len, capacity, di);
+
+    if (rc < 0)
+        return rc;
+    d = chan(h, *di);
+    d->capacity = capacity;
+    if (d->depth >= capacity) {
+        drop_channel_if_idle(h, *di);
+        return DMB_ERR_FULL;
+    }
+    return tail_ok(h, d) ? 0 : DMB_ERR_CORRUPT;
+}
+
+/* A move found src empty: wait on it (and tell the caller its index), or
+ * let it go if nothing else holds it. */
+static int move_found_empty(struct dmb_handle *h, uint32_t ci, uint32_t slot,
+                            uint32_t flags, uint32_t *len)
+{
+    if (flags & DMB_RECV_WAIT) {
+        mask_set(chan(h, ci)->waiters, slot);
+        *len = ci;
+    } else {
+        drop_channel_if_idle(h, ci);
+    }
+    return 0;
+}
+
+static int move_locked(struct dmb_handle *h, uint32_t slot, const char *src,
+                       uint32_t src_len, const char *dst, uint32_t dst_len,
+                       uint32_t capacity, uint64_t now, uint32_t flags,
+                       void *buf, uint32_t buf_len, uint32_t *len,
+                       struct dmb_ref *ref, struct dmb_wake *wake)
+{
+    struct dmb_channel *c;
+    uint32_t ci, di, n;
+    uint64_t hash = hash_name(src, src_len);
+    int rc = find_channel(h, src, src_len, hash, &ci);
+
+    if (rc == 0 && (flags & DMB_RECV_WAIT))
+        rc = make_channel(h, src, src_len, hash, capacity, &ci);
+    if (rc <= 0)
+        return rc;
+    c = chan(h, ci);
+    if (c->owner >= 0 && c->owner != (int32_t)slot)
+        return DMB_ERR_OWNER;
+    rc = expire_head(h, c, now);
+    if (rc)
+        return rc;
+    if (c->head == DMB_NONE)
+        return move_found_empty(h, ci, slot, flags, len);
+    n = c->head;
+    if (n >= h->geo.nodes || node(h, n)->record >= h->geo.blocks)
+        return DMB_ERR_CORRUPT;
+    *len = block(h, node(h, n)->record)->len;
+    if (buf != NULL) {
+        rc = copy_record(h, node(h, n)->record, buf, buf_len, len);
+        if (rc != 1)
+            return rc;
+    }
+    rc = open_dst(h, dst, dst_len, capacity, &di);
+    if (rc)
+        return rc;
+    transfer(h, c, DMB_NONE, n, di, now);
+    ref->node = n;
+    ref->stamp = node(h, n)->sent_ns;
+    if (flags & DMB_RECV_UNWAIT)
+        mask_clear(c->waiters, slot);
+    add_waiters(wake, chan(h, di));
+    wake->channel = di;
+    drop_channel_if_idle(h, ci);
+    return 1;
+}
+
+int dmb_move(struct dmb_handle *h, uint32_t slot, const char *src,
+             uint32_t src_len, const char *dst, uint32_t dst_len,
+             uint32_t capacity, uint64_t now, uint32_t flags, void *buf,
+             uint32_t buf_len, uint32_t *len, struct dmb_ref *ref,
+             struct dmb_wake *wake)
+{
+    int rc;
+
+    memset(wake, 0, sizeof(*wake));
+    memset(ref, 0, sizeof(*ref));
+    *len = 0;
+    if (!valid_name(src, src_len) || !valid_name(dst, dst_len) ||
+        names_equal(src, src_len, dst, dst_len) || capacity == 0 ||
+        slot >= h->geo.slots)
+        return DMB_ERR_INVAL;
+    rc = lock(h);
+    if (rc)
+        return rc;
+    rc = move_locked(h, slot, src, src_len, dst, dst_len, capacity, now,
+                     flags, buf, buf_len, len, ref, wake);
+    slots(h)[slot].active_ns = now;
+    unlock(h);
+    return rc;
+}
+
+/* Find the node holding ref in c's queue, and its predecessor in *prev.
+ * Returns 1, 0 if it is not there, or DMB_ERR_CORRUPT. */
+static int find_ref(struct dmb_handle *h, const struct dmb_channel *c,
+                    const struct dmb_ref *ref, uint32_t *prev)
+{
+    uint32_t p = DMB_NONE, n = c->head;
+
+    for (uint32_t steps = 0; n != DMB_NONE; steps++) {
+        if (n >= h->geo.nodes || steps > h->geo.nodes)
+            return DMB_ERR_CORRUPT;
+        if (n == ref->node && node(h, n)->sent_ns == ref->stamp) {
+            if (node(h, n)->record >= h->geo.blocks)
+                return DMB_ERR_CORRUPT;
+            *prev = p;
+            return 1;
+        }
+        p = n;
+        n = node(h, n)->next;
+    }
+    return 0;
+}
+
+static int settle_locked(struct dmb_handle *h, const char *name,
+                         uint32_t name_len, const struct dmb_ref *ref,
+                         const char *dst, uint32_t dst_len,
+                         uint32_t capacity, uint64_t now,
+                         struct dmb_wake *wake)
+{
+    struct dmb_counters *counters = &HDR(h)->counters;
+    uint32_t ci, di, prev, n = ref->node;
+    int rc = find_channel(h, name, name_len, hash_name(name, name_len), &ci);
+
+    if (rc == 1)
+        rc = find_ref(h, chan(h, ci), ref, &prev);
+    if (rc != 1)
+        return rc;
+    if (dst == NULL) {
+        uint32_t rec = node(h, n)->record;
+
+        unlink_node(h, chan(h, ci), prev, n);
+        counters->received++;
+        counters->bytes_received += block(h, rec)->len;
+        unref_record(h, rec);
+        free_node(h, n);
+    } else {
+        rc = open_dst(h, dst, dst_len, capacity, &di);
+        if (rc)
+            return rc;
+        transfer(h, chan(h, ci), prev, n, di, now);
+        add_waiters(wake, chan(h, di));
+        wake->channel = di;
+    }
+    drop_channel_if_idle(h, ci);
+    return 1;
+}
+
+int dmb_settle(struct dmb_handle *h, uint32_t slot, const char *name,
+               uint32_t name_len, const struct dmb_ref *ref, const char *dst,
+               uint32_t dst_len, uint32_t capacity, uint64_t now,
+               struct dmb_wake *wake)
+{
+    int rc;
+
+    memset(wake, 0, sizeof(*wake));
+    if (!valid_name(name, name_len) || slot >= h->geo.slots ||
+        (dst != NULL && (!valid_name(dst, dst_len) || capacity == 0 ||
+                         names_equal(name, name_len, dst, dst_len))))
+        return DMB_ERR_INVAL;
+    rc = lock(h);
+    if (rc)
+        return rc;
+    rc = settle_locked(h, name, name_len, ref, dst, dst_len, capacity, now,
+                       wake);
+    slots(h)[slot].active_ns = now;
+    unlock(h);
+    return rc;
+}
+
+/* Does record rec hold exactly these len bytes?  Checks every block
+ * index it follows (I4). */
+static int record_equals(struct dmb_handle *h, uint32_t rec,
+                         const unsigned char *data, uint32_t len)
+{
+    uint32_t i = rec;
+
+    if (rec >= h->geo.blocks || block(h, rec)->len != len)
+        return 0;
+    for (uint32_t k = blocks_for(len); k > 0; k--) {
+        uint32_t chunk = len > BLOCK_PAYLOAD ? BLOCK_PAYLOAD : len;
+
+        if (i >= h->geo.blocks || memcmp(block(h, i)->data, data, chunk))
+            return 0;
+        data += chunk;
+        len -= chunk;
+        i = block(h, i)->next;
+    }
+    return 1;
+}
+
+static int remove_locked(struct dmb_handle *h, uint32_t ci,
+                         const void *data, uint32_t len)
+{
+    struct dmb_channel *c = chan(h, ci);
+    uint32_t prev = DMB_NONE, n = c->head;
+
+    for (uint32_t steps = 0; n != DMB_NONE; steps++) {
+        uint32_t rec;
+
+        if (n >= h->geo.nodes || steps > h->geo.nodes)
+            return DMB_ERR_CORRUPT;
+        rec = node(h, n)->record;
+        if (record_equals(h, rec, data, len)) {
+            unlink_node(h, c, prev, n);
+            unref_record(h, rec);
+            free_node(h, n);
+            HDR(h)->counters.flushed++;
+            drop_channel_if_idle(h, ci);
+            return 1;
+        }
+        prev = n;
+        n = node(h, n)->next;
+    }
+    return 0;
+}
+
+int dmb_remove(struct dmb_handle *h, const char *name, uint32_t name_len,
+               const void *data, uint32_t len)
+{
+    uint32_t ci;
+    int rc;
+
+    if (!valid_name(name, name_len) || (data == NULL && len > 0))
+        return DMB_ERR_INVAL;
+    rc = lock(h);
+    if (rc)
+        return rc;
+    rc = find_channel(h, name, name_len, hash_name(name, name_len), &ci);
+    if (rc == 1)
+        rc = remove_locked(h, ci, data, len);
+    unlock(h);
+    return rc;
+}
+
+int dmb_channel_find(struct dmb_handle *h, const char *name,
+                     uint32_t name_len, struct dmb_channel_info *out)
+{
+    uint32_t ci;
+    int rc;
+
+    if (!valid_name(name, name_len))
+        return DMB_ERR_INVAL;
+    rc = lock(h);
+    if (rc)
+        return rc;
+    rc = find_channel(h, name, name_len, hash_name(name, name_len), &ci);
+    unlock(h);
+    if (rc != 1)
+        return rc;
+    rc = dmb_channel_at(h, ci, out);
+    /* The entry may have been freed and reused between the two locks. */
+    if (rc == 1 && (memcmp(out->name, name, name_len) != 0 ||
+                    out->name[name_len] != '\0'))
+        rc = 0;
+    return rc;
+}
+
+int dmb_channel_scan(struct dmb_handle *h, uint32_t *pos, const char *prefix,
+                     uint32_t prefix_len, uint32_t max_steps)
+{
+    uint32_t i = *pos, end;
+    int rc;
+
+    if ((prefix == NULL && prefix_len > 0) || prefix_len >= DMB_NAME_MAX)
+        return DMB_ERR_INVAL;
+    if (i >= h->geo.channels)
+        return 0;
+    end = h->geo.channels - i > max_steps ? i + max_steps : h->geo.channels;
+    rc = lock(h);
+    if (rc)
+        return rc;
+    for (rc = 0; i < end && rc == 0; i++) {
+        const struct dmb_channel *c = chan(h, i);
+
+        rc = c->name_len > 0 && c->name_len < DMB_NAME_MAX &&
+             c->name_len >= prefix_len &&
+             memcmp(c->name, prefix, prefix_len) == 0;
+    }
+    unlock(h);
+    *pos = rc ? i - 1 : i;
+    return rc;
 }

@@ -10,7 +10,9 @@
  *
  * The C core is quiet: no logging, no allocation, no system call while
  * the lock is held.  Functions return 0 or a positive count on success and
- * a negative DMB_E* code on failure; Python decides what to say.
+ * a negative DMB_E* code on failure; Python decides what to say.  Every
+ * function that takes the lock may also return DMB_ERR_LOCK (unusable) or
+ * DMB_ERR_STALLED (held by another for longer than any operation takes).
  *
  * The block between the cdef markers is read by dmb/_build.py and handed
  * to cffi as is, so it holds only what cffi's parser accepts: integer
@@ -54,7 +56,8 @@ enum dmb_error {
     DMB_ERR_VERSION = -13,      /* a dmb segment of another layout */
     DMB_ERR_SIZE = -14,         /* size in header and mapping disagree */
     DMB_ERR_OWNER = -15,        /* specific channel of another slot */
-    DMB_ERR_UNINIT = -16        /* all zero: never initialised */
+    DMB_ERR_UNINIT = -16,       /* all zero: never initialised */
+    DMB_ERR_STALLED = -17       /* the lock stayed held past the limit */
 };
 
 /* How many of each table a segment holds; derived from its size. */
@@ -300,6 +303,64 @@ int dmb_purge(struct dmb_handle *h, const char *name, uint32_t name_len);
 /* Test support: make the next locked operation stop at step point, with
  * the lock held (raise(SIGKILL) when action is 1, pause when 2). */
 void dmb_test_crash_at(int point, int action);
+
+/* Test support: how long (ms) an operation of this process waits for a
+ * lock that another holds before it fails with DMB_ERR_STALLED; 10 s
+ * unless set. */
+void dmb_test_lock_patience(uint64_t ms);
+
+/* Moving messages between channels: acknowledgements for dmb/kombu.py.
+ * A message is in exactly one channel at every instant, even when its
+ * mover dies mid-step (the header's move journal; see _ring.c). */
+
+/* One delivery that dmb_move put in a channel: its node, and the stamp
+ * that tells it from a later message in the same node. */
+struct dmb_ref {
+    uint32_t node;
+    uint32_t reserved;
+    uint64_t stamp;
+};
+
+/* Move the head message of src to the tail of dst (made if absent, with
+ * capacity) in one locked step, copying it into buf unless buf is NULL.
+ * Expired messages at src's head are dropped first.  Returns 1 with *len
+ * and *ref set; 0 if src is empty (with DMB_RECV_WAIT, slot now waits on
+ * src and *len is its index; DMB_RECV_UNWAIT stops the wait when a
+ * message moves); DMB_ERR_FULL if dst is at capacity, DMB_ERR_TOOBIG with
+ * *len the size needed (nothing moved either way); DMB_ERR_OWNER,
+ * DMB_ERR_CHANNELS, DMB_ERR_INVAL (src and dst the same), _CORRUPT.  On
+ * success *wake holds the slots waiting on dst. */
+int dmb_move(struct dmb_handle *h, uint32_t slot, const char *src,
+             uint32_t src_len, const char *dst, uint32_t dst_len,
+             uint32_t capacity, uint64_t now, uint32_t flags, void *buf,
+             uint32_t buf_len, uint32_t *len, struct dmb_ref *ref,
+             struct dmb_wake *wake);
+
+/* Settle the delivery *ref in channel name: with dst NULL drop it,
+ * counted received (an acknowledgement); otherwise move it to the tail
+ * of dst as dmb_move does.  Returns 1, 0 if ref is not there (settled
+ * already), DMB_ERR_FULL, DMB_ERR_INVAL, _CHANNELS, _CORRUPT. */
+int dmb_settle(struct dmb_handle *h, uint32_t slot, const char *name,
+               uint32_t name_len, const struct dmb_ref *ref, const char *dst,
+               uint32_t dst_len, uint32_t capacity, uint64_t now,
+               struct dmb_wake *wake);
+
+/* Drop the first message of a channel whose bytes equal data (counted
+ * flushed).  Returns 1, or 0 if there is none. */
+int dmb_remove(struct dmb_handle *h, const char *name, uint32_t name_len,
+               const void *data, uint32_t len);
+
+/* A channel's state by name: 1 and *out filled, or 0 if it has no entry
+ * (an empty channel nobody waits on has none). */
+int dmb_channel_find(struct dmb_handle *h, const char *name,
+                     uint32_t name_len, struct dmb_channel_info *out);
+
+/* Look at up to max_steps channel entries from index *pos for a name
+ * that starts with prefix.  Returns 1 with *pos its index (read it with
+ * dmb_channel_at, go on from *pos + 1), or 0 with *pos where to go on;
+ * the table ends at geometry.channels. */
+int dmb_channel_scan(struct dmb_handle *h, uint32_t *pos, const char *prefix,
+                     uint32_t prefix_len, uint32_t max_steps);
 /* cdef-end */
 
 #ifdef __cplusplus

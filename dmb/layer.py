@@ -144,7 +144,6 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
         self._waiting = {}  # channel name -> list of _Ticket
         self._waiting_index = {}  # channel index in the segment -> name
         self._index_of = {}  # name -> channel index
-        self._loops = {}  # loop -> receives waiting in it
         self._last_sweep = 0
         slot = self._acquire_slot()
         if slot == lib.DMB_ERR_SLOTS:
@@ -183,7 +182,7 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
             slot, self._slot = self._slot, None
             if self._pid == os.getpid():
                 lib.dmb_slot_release(self._h, slot, self._gen)
-                self._doorbell.close()
+                self._retire_doorbell()
             else:
                 self._doorbell.close(unlink=False)
             self._ringer.close()
@@ -264,9 +263,16 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
     async def _wait_and_take(self, channel, name, capacity):
         loop = asyncio.get_running_loop()
         ticket = _Ticket(loop)
-        self._watch(loop)
+        bell = self._watch(loop)
         try:
             while True:
+                if bell is not self._doorbell or self._slot is None:
+                    # close() ran while this receive waited: go on waiting
+                    # in the slot the layer takes again, as any use does.
+                    self._unwatch(loop, bell)
+                    bell = None
+                    self._attach()
+                    bell = self._watch(loop)
                 message = self._take_or_register(channel, name, capacity, ticket)
                 if message is not _EMPTY:
                     return message
@@ -276,7 +282,8 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
                 ticket.future = loop.create_future()
         finally:
             self._withdraw(channel, name, ticket)
-            self._unwatch(loop)
+            if bell is not None:
+                self._unwatch(loop, bell)
 
     async def new_channel(self, prefix="specific"):
         """Return a new process-specific channel name, received only here."""
@@ -529,24 +536,53 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
     # Waking.
 
     def _watch(self, loop):
+        """Watch this slot's FIFO in ``loop``; return the doorbell watched."""
         with self._wait_lock:
-            count = self._loops.get(loop, 0)
-            self._loops[loop] = count + 1
+            bell = self._doorbell
+            count = bell.loops.get(loop, 0)
+            bell.loops[loop] = count + 1
         if count == 0:
-            loop.add_reader(self._doorbell.fd, self._on_doorbell)
+            loop.add_reader(bell.fd, self._on_doorbell, bell)
+        return bell
 
-    def _unwatch(self, loop):
+    def _unwatch(self, loop, bell):
         with self._wait_lock:
-            count = self._loops.get(loop, 0) - 1
+            count = bell.loops.get(loop, 0) - 1
             if count > 0:
-                self._loops[loop] = count
-            else:
-                self._loops.pop(loop, None)
-        if count <= 0 and not loop.is_closed() and self._slot is not None:
-            loop.remove_reader(self._doorbell.fd)
+                bell.loops[loop] = count
+                return
+            bell.loops.pop(loop, None)
+            retired = bell is not self._doorbell or self._slot is None
+            last = retired and not bell.loops
+        if bell.fd is not None and not loop.is_closed():
+            loop.remove_reader(bell.fd)
+        if last:
+            bell.close(unlink=False)  # _retire_doorbell left it to us
 
-    def _on_doorbell(self):
-        self._wake_local(self._doorbell.take_reasons())
+    def _retire_doorbell(self):
+        """Close our FIFO as the slot is given back.
+
+        While receives still watch it, only its path goes: its descriptor
+        stays open until the last of them stops watching, so no event loop
+        is left watching a closed (and perhaps reused) descriptor.  Those
+        receives are woken to wait on in the slot the layer takes next.
+        """
+        bell = self._doorbell
+        with self._wait_lock:
+            watched = bool(bell.loops)
+            tickets = [t for ts in self._waiting.values() for t in ts]
+        if not watched:
+            bell.close()
+            return
+        try:
+            os.unlink(bell.path)
+        except FileNotFoundError:
+            pass
+        self._wake_tickets(tickets)
+
+    def _on_doorbell(self, bell):
+        if bell.fd is not None:
+            self._wake_local(bell.take_reasons())
 
     def _wake_local(self, reasons):
         """Wake this process's receives waiting on the channels rung."""
@@ -559,6 +595,9 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
                     channel = self._waiting_index.get(index)
                     if channel is not None:
                         tickets.extend(self._waiting.get(channel, ()))
+        self._wake_tickets(tickets)
+
+    def _wake_tickets(self, tickets):
         running = asyncio._get_running_loop()
         for ticket in tickets:
             if ticket.loop is running:

@@ -155,7 +155,12 @@ class Segment:
             size = os.fstat(shm.fd).st_size
             if not self.create and size == 0:
                 raise self._unformatted_error()
-            if self.created or size == 0:
+            if self.created and size != 0:
+                # Another opener took the lock between our create and ours,
+                # and formatted the object: it may be in use already, so
+                # attach to it instead of formatting it again.
+                self.created = False
+            if size == 0:
                 self._format(shm.fd)
             else:
                 self._attach(shm.fd, size)
@@ -266,6 +271,13 @@ class Segment:
         )
         if rc == lib.DMB_ERR_VERSION:
             found = lib.dmb_header_version(self._base, mapped)
+            if found == LAYOUT_VERSION:  # the version matches, the block size not
+                return SegmentError(
+                    f"segment {self.name!r} has layout version {found} but "
+                    f"another block size than this dmb's "
+                    f"({lib.DMB_BLOCK_SIZE} bytes): made by another build of "
+                    f"dmb, or damaged; {remove}"
+                )
             return SegmentError(
                 f"segment {self.name!r} has layout version {found}, this dmb "
                 f"uses {LAYOUT_VERSION} (made by another dmb version); {remove}"

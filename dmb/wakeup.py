@@ -34,6 +34,9 @@ class Doorbell:
 
     def __init__(self, path, mode=0o600):
         self.path = path
+        #: Event loops watching this FIFO -> receives waiting in each; kept
+        #: by the layer, which closes a retired FIFO when the last one stops.
+        self.loops = {}
         os.mkfifo(path, mode)
         try:
             os.chmod(path, mode)  # the umask must not narrow it

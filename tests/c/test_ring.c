@@ -690,6 +690,222 @@ static void test_random_damage_never_crashes(void)
 }
 
 /* ------------------------------------------------------------------ */
+/* Moving messages between channels (acknowledgements for kombu).      */
+
+#define BIG_CAP 4294967295u
+
+static int move_str(struct seg *s, int slot, const char *src,
+                    const char *dst, uint32_t flags, struct dmb_ref *ref,
+                    struct dmb_wake *w)
+{
+    int rc = dmb_move(&s->h, (uint32_t)slot, src, (uint32_t)strlen(src),
+                      dst, (uint32_t)strlen(dst), BIG_CAP, 1, flags, rbuf,
+                      sizeof(rbuf) - 1, &rlen, ref, w);
+
+    if (rc == 1)
+        rbuf[rlen] = 0;
+    return rc;
+}
+
+static int settle(struct seg *s, const char *name, const struct dmb_ref *ref,
+                  const char *dst, struct dmb_wake *w)
+{
+    return dmb_settle(&s->h, (uint32_t)s->slot, name, (uint32_t)strlen(name),
+                      ref, dst, dst ? (uint32_t)strlen(dst) : 0, BIG_CAP, 1,
+                      w);
+}
+
+static uint32_t depth_of(struct seg *s, const char *name)
+{
+    struct dmb_channel_info info;
+
+    if (dmb_channel_find(&s->h, name, (uint32_t)strlen(name), &info) != 1)
+        return 0;
+    return info.depth;
+}
+
+static void test_move_settles_by_reference(void)
+{
+    struct seg s;
+    struct dmb_ref r1, r2;
+    struct dmb_wake w;
+
+    seg_open(&s, SEG_SIZE);
+    send_str(&s, "q", "a", 10, 0, NO_EXPIRY);
+    send_str(&s, "q", "b", 10, 0, NO_EXPIRY);
+    send_str(&s, "q", "c", 10, 0, NO_EXPIRY);
+    CHECK_EQ(move_str(&s, s.slot, "q", "p", 0, &r1, &w), 1);
+    CHECK(strcmp(rbuf, "a") == 0);
+    CHECK_EQ(move_str(&s, s.slot, "q", "p", 0, &r2, &w), 1);
+    CHECK(strcmp(rbuf, "b") == 0);
+    CHECK(r1.stamp != r2.stamp || r1.node != r2.node);
+    CHECK_EQ(depth_of(&s, "q"), 1);
+    CHECK_EQ(depth_of(&s, "p"), 2);
+    /* Moving keeps every message queued; settling ends or returns it. */
+    CHECK_EQ(stats(&s).queued, 3);
+    CHECK_EQ(settle(&s, "p", &r1, NULL, &w), 1);
+    CHECK_EQ(settle(&s, "p", &r1, NULL, &w), 0);
+    CHECK_EQ(stats(&s).counters.received, 1);
+    CHECK_EQ(settle(&s, "p", &r2, "q", &w), 1);
+    CHECK_EQ(settle(&s, "p", &r2, "q", &w), 0);
+    CHECK_EQ(depth_of(&s, "p"), 0);
+    CHECK_EQ(recv_str(&s, "q"), 1);
+    CHECK(strcmp(rbuf, "c") == 0);
+    CHECK_EQ(recv_str(&s, "q"), 1);
+    CHECK(strcmp(rbuf, "b") == 0);
+    CHECK_EQ(stats(&s).used_nodes, 0);
+    CHECK_EQ(stats(&s).used_blocks, 0);
+    CHECK_EQ(stats(&s).used_channels, 0);
+    check_accounting(&s);
+    seg_close(&s);
+}
+
+static void test_move_waits_and_refuses(void)
+{
+    struct seg s;
+    struct dmb_ref r;
+    struct dmb_wake w;
+    struct dmb_channel_info info;
+    uint32_t len;
+    int b;
+
+    seg_open(&s, SEG_SIZE);
+    b = dmb_slot_acquire(&s.h, 5, 5, 5, "clientB", 7, 0);
+    CHECK_EQ(move_str(&s, b, "q", "p", DMB_RECV_WAIT, &r, &w), 0);
+    CHECK_EQ(dmb_channel_find(&s.h, "q", 1, &info), 1);
+    CHECK(info.waiters[b >> 6] & (1ull << (b & 63)));
+    CHECK_EQ(send_str(&s, "q", "m", 10, 0, NO_EXPIRY), 0);
+    CHECK_EQ(dmb_send(&s.h, s.slot, "q", 1, 10, "n", 1, 0, NO_EXPIRY, &w),
+             0);
+    CHECK(w.mask[b >> 6] & (1ull << (b & 63)));
+    CHECK_EQ(move_str(&s, b, "q", "p", DMB_RECV_UNWAIT, &r, &w), 1);
+    CHECK_EQ(dmb_channel_find(&s.h, "q", 1, &info), 1);
+    CHECK_EQ(info.waiters[0] | info.waiters[1], 0);
+    /* Whoever waits on the destination is woken by a move into it. */
+    CHECK_EQ(recv_at(&s, b, "back", 0), 0);
+    CHECK_EQ(dmb_recv(&s.h, b, "back", 4, 10, 0, DMB_RECV_WAIT, rbuf,
+                      sizeof(rbuf), &len), 0);
+    CHECK_EQ(settle(&s, "p", &r, "back", &w), 1);
+    CHECK(w.mask[b >> 6] & (1ull << (b & 63)));
+    CHECK_EQ(w.channel, len);
+    /* Refusals move nothing. */
+    CHECK_EQ(dmb_move(&s.h, s.slot, "q", 1, "full", 4, 1, 1, 0, rbuf,
+                      sizeof(rbuf), &len, &r, &w), 1);
+    CHECK_EQ(send_str(&s, "q", "o", 10, 0, NO_EXPIRY), 0);
+    CHECK_EQ(dmb_move(&s.h, s.slot, "q", 1, "full", 4, 1, 1, 0, rbuf,
+                      sizeof(rbuf), &len, &r, &w), DMB_ERR_FULL);
+    CHECK_EQ(dmb_move(&s.h, s.slot, "q", 1, "p", 1, 10, 1, 0, rbuf, 0, &len,
+                      &r, &w), DMB_ERR_TOOBIG);
+    CHECK_EQ(len, 1);
+    CHECK_EQ(dmb_move(&s.h, s.slot, "q", 1, "q", 1, 10, 1, 0, rbuf,
+                      sizeof(rbuf), &len, &r, &w), DMB_ERR_INVAL);
+    CHECK_EQ(depth_of(&s, "q"), 1);
+    /* Without a buffer the message moves uncopied. */
+    CHECK_EQ(dmb_move(&s.h, s.slot, "q", 1, "p", 1, 10, 1, 0, NULL, 0, &len,
+                      &r, &w), 1);
+    CHECK_EQ(len, 1);
+    CHECK_EQ(depth_of(&s, "p"), 1);
+    check_accounting(&s);
+    seg_close(&s);
+}
+
+/* Kill a child at crash point 11, inside transfer() between its unlink
+ * and its link, while it moves (settle 0) or settles (settle 1). */
+static void kill_mover(struct seg *s, int settle_ref, struct dmb_ref *ref)
+{
+    pid_t pid = fork();
+    int status;
+
+    if (pid == 0) {
+        struct dmb_wake w;
+        struct dmb_ref r;
+
+        dmb_test_crash_at(11, 1);
+        if (settle_ref)
+            settle(s, "p", ref, "q", &w);
+        else
+            move_str(s, s->slot, "q", "p", 0, &r, &w);
+        _exit(0);
+    }
+    waitpid(pid, &status, 0);
+    CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+}
+
+static void test_killed_mover_loses_nothing(void)
+{
+    struct seg s;
+    struct dmb_ref r;
+    struct dmb_wake w;
+
+    seg_open(&s, SEG_SIZE);
+    send_str(&s, "q", "one", 10, 0, NO_EXPIRY);
+    kill_mover(&s, 0, NULL);
+    /* The next locked operation repairs: the message is in p, once. */
+    CHECK_EQ(depth_of(&s, "q"), 0);
+    CHECK_EQ(depth_of(&s, "p"), 1);
+    CHECK(stats(&s).counters.repairs >= 1);
+    CHECK_EQ(move_str(&s, s.slot, "p", "q", 0, &r, &w), 1);
+    CHECK(strcmp(rbuf, "one") == 0);
+    CHECK_EQ(move_str(&s, s.slot, "q", "p", 0, &r, &w), 1);
+    kill_mover(&s, 1, &r);
+    CHECK_EQ(depth_of(&s, "p"), 0);
+    CHECK_EQ(depth_of(&s, "q"), 1);
+    CHECK_EQ(recv_str(&s, "q"), 1);
+    CHECK(strcmp(rbuf, "one") == 0);
+    CHECK_EQ(recv_str(&s, "q"), 0);
+    CHECK_EQ(stats(&s).used_nodes, 0);
+    CHECK_EQ(stats(&s).used_blocks, 0);
+    check_accounting(&s);
+    seg_close(&s);
+}
+
+static void test_remove_and_scan_channels(void)
+{
+    struct seg s;
+    struct dmb_channel_info info;
+    uint32_t pos = 0, len;
+    uint64_t sent;
+    int found = 0, rc;
+
+    seg_open(&s, SEG_SIZE);
+    send_str(&s, "x", "r1", 10, 0, NO_EXPIRY);
+    send_str(&s, "x", "r2", 10, 0, NO_EXPIRY);
+    send_str(&s, "x", "r1", 10, 0, NO_EXPIRY);
+    CHECK_EQ(dmb_remove(&s.h, "x", 1, "r1", 2), 1);
+    CHECK_EQ(dmb_remove(&s.h, "x", 1, "r", 1), 0);
+    CHECK_EQ(dmb_remove(&s.h, "none", 4, "r1", 2), 0);
+    CHECK_EQ(depth_of(&s, "x"), 2);
+    CHECK_EQ(dmb_peek(&s.h, "x", 1, 0, rbuf, sizeof(rbuf), &len, &sent), 1);
+    CHECK(len == 2 && memcmp(rbuf, "r2", 2) == 0);
+    CHECK_EQ(dmb_remove(&s.h, "x", 1, "r1", 2), 1);
+    CHECK_EQ(dmb_remove(&s.h, "x", 1, "r2", 2), 1);
+    CHECK_EQ(dmb_channel_find(&s.h, "x", 1, &info), 0);
+    CHECK_EQ(stats(&s).counters.flushed, 3);
+    send_str(&s, "kombu:q:a", "m", 10, 0, NO_EXPIRY);
+    send_str(&s, "other", "m", 10, 0, NO_EXPIRY);
+    send_str(&s, "kombu:q:b", "m", 10, 0, NO_EXPIRY);
+    send_str(&s, "kombu:u:1", "m", 10, 0, NO_EXPIRY);
+    CHECK_EQ(dmb_channel_find(&s.h, "kombu:q:b", 9, &info), 1);
+    CHECK_EQ(info.depth, 1);
+    CHECK(strcmp(info.name, "kombu:q:b") == 0);
+    for (int calls = 0; pos < s.h.geo.channels && calls < 100000; calls++) {
+        rc = dmb_channel_scan(&s.h, &pos, "kombu:q:", 8, 7);
+        CHECK(rc == 0 || rc == 1);
+        if (rc == 1) {
+            CHECK_EQ(dmb_channel_at(&s.h, pos, &info), 1);
+            CHECK(strncmp(info.name, "kombu:q:", 8) == 0);
+            found++;
+            pos++;
+        }
+    }
+    CHECK_EQ(found, 2);
+    CHECK_EQ(pos, s.h.geo.channels);
+    CHECK_EQ(dmb_channel_scan(&s.h, &pos, "kombu:q:", 8, 7), 0);
+    check_accounting(&s);
+    seg_close(&s);
+}
+
+/* ------------------------------------------------------------------ */
 
 struct test {
     const char *name;
@@ -719,6 +935,10 @@ static const struct test tests[] = {
     T(repair_recovers_damaged_links),
     T(random_ops_keep_accounting),
     T(random_damage_never_crashes),
+    T(move_settles_by_reference),
+    T(move_waits_and_refuses),
+    T(killed_mover_loses_nothing),
+    T(remove_and_scan_channels),
 };
 #undef T
 

@@ -1,0 +1,1 @@
+"""Django management commands of dmb (``manage.py dmb ...``)."""

@@ -1,0 +1,1 @@
+"""``manage.py dmb``: see dmb.management.commands.dmb."""

@@ -1,0 +1,1 @@
+"""Failure cases from other channel layers (CASES.md), one file per case."""
