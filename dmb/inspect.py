@@ -351,7 +351,13 @@ def guarded(function, timeout, name, what=None):
 
     worker = threading.Thread(target=run, name="dmb-inspect-read", daemon=True)
     worker.start()
-    worker.join(timeout)
+    try:
+        worker.join(timeout)
+    except BaseException:
+        # Ctrl-C while the read runs: it may still touch the mapping, so
+        # keep close() from unmapping it under the thread.
+        _stuck[name] = worker
+        raise
     if worker.is_alive():
         _stuck[name] = worker
         raise InspectError(
@@ -442,7 +448,17 @@ def segment_document(reader, members_of=None):
         "members": _members_out(members_of, members, now),
         "counters": {name: getattr(stats.counters, name) for name in COUNTERS},
         "rates": None,
+        "celery": _celery_queues(reader),
     }
+
+
+def _celery_queues(reader):
+    """The kombu (Celery) queues in the segment; empty without kombu."""
+    try:
+        from .kombu import queue_summary
+    except ImportError:  # kombu is not installed: no Celery queues to read
+        return []
+    return queue_summary(reader)
 
 
 def _header_dict(reader, stats):
@@ -735,9 +751,30 @@ def render_segment(document, limit=None, live=False):
     lines += _render_groups(document["groups"], limit)
     if document["members"] is not None:
         lines += _render_members(document["members"], limit)
+    if document.get("celery"):
+        lines += _render_celery(document["celery"], limit)
     if not live:
         lines += _render_counters(document["counters"])
     return lines
+
+
+def _render_celery(queues, limit):
+    rows = [
+        [
+            _printable(q["queue"]),
+            str(q["ready"]),
+            str(q["unacked"]),
+            _duration(q["oldest_ready_age"]) if q["oldest_ready_age"] else "-",
+            " ".join(
+                f"{c['pid']}{'' if c['alive'] else '(dead)'}:{c['unacked']}"
+                for c in q["consumers"]
+            )
+            or "-",
+        ]
+        for q in queues
+    ]
+    header = ["QUEUE", "READY", "UNACKED", "OLDEST", "OWNERS (pid:unacked)"]
+    return _section(f"CELERY QUEUES  {len(rows)}", header, rows, "<>>><", limit)
 
 
 def _render_header(header):

@@ -158,7 +158,9 @@ async def test_json_matches_the_queued_state_field_by_field(make_layer):
         "members",
         "counters",
         "rates",
+        "celery",
     }
+    assert document["celery"] == []  # no Celery queue in this segment
     assert document["schema"] == "dmb.inspect/1"
     assert document["view"] == "segment"
     assert abs(document["generated_at"] - now) < 5

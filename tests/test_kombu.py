@@ -450,3 +450,29 @@ def test_names_too_long_for_a_channel_are_hashed(connect):
     assert dk.queue_channel(long_name).startswith(b"kombu:q:#")
     assert collect(conn, [Queue(long_name)], 1)[0][0] == "far"
     assert dk.name_key("a!b").startswith("#")
+
+
+def test_inspect_shows_celery_queues_with_their_unacked_owner(connect, prefix):
+    import io
+    import json
+
+    from dmb import inspect as dmb_inspect
+    from dmb.segment import segment_name
+
+    conn = connect()
+    queue = Queue("jobs", Exchange("jobs"), routing_key="jobs")
+    publish(conn, {"n": 1}, exchange=queue.exchange, routing_key="jobs",
+            declare=[queue])
+    publish(conn, {"n": 2}, exchange=queue.exchange, routing_key="jobs")
+    collect(conn, [queue], 1, ack=False)  # one delivered, not acknowledged
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["--name", segment_name(prefix), "--json"]
+    assert dmb_inspect.main(argv, stdout=out, stderr=err) == 0, err.getvalue()
+    (jobs,) = [q for q in json.loads(out.getvalue())["celery"] if q["queue"] == "jobs"]
+    assert (jobs["ready"], jobs["unacked"]) == (1, 1)
+    assert [c["pid"] for c in jobs["consumers"]] == [os.getpid()]
+
+    out = io.StringIO()
+    assert dmb_inspect.main(argv[:2], stdout=out, stderr=err) == 0
+    assert "CELERY QUEUES" in out.getvalue() and "jobs" in out.getvalue()
