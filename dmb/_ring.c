@@ -473,6 +473,10 @@ static int store_record(struct dmb_handle *h, const void *data, uint32_t len,
     const unsigned char *src = data;
     uint32_t first = DMB_NONE, prev = DMB_NONE;
 
+    /* More blocks in use than exist: a damaged count, which would refuse
+     * every message as if the store were full until someone repaired. */
+    if (hd->used_blocks > h->geo.blocks)
+        return DMB_ERR_CORRUPT;
     if ((uint64_t)hd->used_blocks + n > h->geo.blocks)
         return 0;
     for (uint32_t k = 0; k < n; k++) {
@@ -1256,6 +1260,40 @@ int dmb_send(struct dmb_handle *h, uint32_t slot, const char *name,
     return rc;
 }
 
+/* The channel a receive (or move) takes from, with its expired head
+ * messages dropped.  Returns 1 with *ci if a message waits at the head;
+ * 0 if there is none (with DMB_RECV_WAIT the slot now waits on it and
+ * *len is its index); DMB_ERR_OWNER for another slot's specific channel,
+ * or another error. */
+static int find_head(struct dmb_handle *h, uint32_t slot, const char *name,
+                     uint32_t name_len, uint32_t capacity, uint64_t now,
+                     uint32_t flags, uint32_t *ci, uint32_t *len)
+{
+    struct dmb_channel *c;
+    uint64_t hash = hash_name(name, name_len);
+    int rc = find_channel(h, name, name_len, hash, ci);
+
+    if (rc == 0 && (flags & DMB_RECV_WAIT))
+        rc = make_channel(h, name, name_len, hash, capacity, ci);
+    if (rc <= 0)
+        return rc;
+    c = chan(h, *ci);
+    if (c->owner >= 0 && c->owner != (int32_t)slot)
+        return DMB_ERR_OWNER;
+    rc = expire_head(h, c, now);
+    if (rc)
+        return rc;
+    if (c->head != DMB_NONE)
+        return 1;
+    if (flags & DMB_RECV_WAIT) {
+        mask_set(c->waiters, slot);
+        *len = *ci;
+    } else {
+        drop_channel_if_idle(h, *ci);
+    }
+    return 0;
+}
+
 static int recv_locked(struct dmb_handle *h, uint32_t slot, const char *name,
                        uint32_t name_len, uint32_t capacity, uint64_t now,
                        uint32_t flags, void *buf, uint32_t buf_len,
@@ -1264,27 +1302,12 @@ static int recv_locked(struct dmb_handle *h, uint32_t slot, const char *name,
     struct dmb_header *hd = HDR(h);
     struct dmb_channel *c;
     uint32_t ci, n;
-    uint64_t hash = hash_name(name, name_len);
-    int rc = find_channel(h, name, name_len, hash, &ci);
+    int rc = find_head(h, slot, name, name_len, capacity, now, flags, &ci,
+                       len);
 
-    if (rc == 0 && (flags & DMB_RECV_WAIT))
-        rc = make_channel(h, name, name_len, hash, capacity, &ci);
     if (rc <= 0)
         return rc;
     c = chan(h, ci);
-    if (c->owner >= 0 && c->owner != (int32_t)slot)
-        return DMB_ERR_OWNER;
-    rc = expire_head(h, c, now);
-    if (rc)
-        return rc;
-    if (c->head == DMB_NONE) {
-        if (flags & DMB_RECV_WAIT) {
-            mask_set(c->waiters, slot);
-            *len = ci;
-        } else
-            drop_channel_if_idle(h, ci);
-        return 0;
-    }
     rc = copy_record(h, node(h, c->head)->record, buf, buf_len, len);
     if (rc != 1)
         return rc;
@@ -2185,18 +2208,6 @@ static int open_dst(struct dmb_handle *h, const char *dst, uint32_t dst_len,
 
 /* A move found src empty: wait on it (and tell the caller its index), or
  * let it go if nothing else holds it. */
-static int move_found_empty(struct dmb_handle *h, uint32_t ci, uint32_t slot,
-                            uint32_t flags, uint32_t *len)
-{
-    if (flags & DMB_RECV_WAIT) {
-        mask_set(chan(h, ci)->waiters, slot);
-        *len = ci;
-    } else {
-        drop_channel_if_idle(h, ci);
-    }
-    return 0;
-}
-
 static int move_locked(struct dmb_handle *h, uint32_t slot, const char *src,
                        uint32_t src_len, const char *dst, uint32_t dst_len,
                        uint32_t capacity, uint64_t now, uint32_t flags,
@@ -2205,21 +2216,11 @@ static int move_locked(struct dmb_handle *h, uint32_t slot, const char *src,
 {
     struct dmb_channel *c;
     uint32_t ci, di, n;
-    uint64_t hash = hash_name(src, src_len);
-    int rc = find_channel(h, src, src_len, hash, &ci);
+    int rc = find_head(h, slot, src, src_len, capacity, now, flags, &ci, len);
 
-    if (rc == 0 && (flags & DMB_RECV_WAIT))
-        rc = make_channel(h, src, src_len, hash, capacity, &ci);
     if (rc <= 0)
         return rc;
     c = chan(h, ci);
-    if (c->owner >= 0 && c->owner != (int32_t)slot)
-        return DMB_ERR_OWNER;
-    rc = expire_head(h, c, now);
-    if (rc)
-        return rc;
-    if (c->head == DMB_NONE)
-        return move_found_empty(h, ci, slot, flags, len);
     n = c->head;
     if (n >= h->geo.nodes || node(h, n)->record >= h->geo.blocks)
         return DMB_ERR_CORRUPT;
