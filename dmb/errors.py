@@ -16,7 +16,8 @@ class SegmentError(DmbError, OSError):
 
 
 class SegmentCorrupt(SegmentError):
-    """The segment is damaged in a way repair could not mend."""
+    """The segment is damaged: repair could not mend it, or an operation
+    was cut short by the damage (the message says which)."""
 
 
 class SegmentFull(DmbError, ChannelFull):

@@ -354,9 +354,12 @@ def guarded(function, timeout, name, what=None):
     try:
         worker.join(timeout)
     except BaseException:
-        # Ctrl-C while the read runs: it may still touch the mapping, so
-        # keep close() from unmapping it under the thread.
-        _stuck[name] = worker
+        # Ctrl-C while the read runs: let it finish (it is bounded by the
+        # lock's patience) before the mapping may go; if it does not,
+        # close() leaves the mapping alone and exit() skips teardown.
+        worker.join(timeout)
+        if worker.is_alive():
+            _stuck[name] = worker
         raise
     if worker.is_alive():
         _stuck[name] = worker
@@ -1593,5 +1596,18 @@ class Watch:
         )
 
 
+def exit(code):
+    """Leave the process with ``code``.
+
+    If a read thread is still stuck in the segment lock, the interpreter's
+    teardown would unmap the segment under it: end the process at once.
+    """
+    if any(worker.is_alive() for worker in _stuck.values()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit(main())

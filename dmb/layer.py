@@ -85,6 +85,8 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
         self._expiry_ns = int(self.expiry * _NS)
         self._group_expiry_ns = int(self.group_expiry * _NS)
         self._capacities = {}
+        self._valid_names = set()  # channel names that passed validation
+        self._owned = {}  # specific channel -> the client prefix it matched
         self._segment = None
         self._slot = None
         self._local = threading.local()
@@ -149,6 +151,9 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
         if slot == lib.DMB_ERR_SLOTS:
             self._sweep(force=True)
             slot = self._acquire_slot()
+        if slot < 0 and slot != lib.DMB_ERR_SLOTS:
+            self._doorbell.close()
+            raise self._error(slot, "attach")
         if slot < 0:
             self._doorbell.close()
             raise SegmentFull(
@@ -202,6 +207,29 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
             self._ringer.close()
 
     # Channel layer API.
+
+    def require_valid_channel_name(self, name, receive=False):
+        """Channels' rules, and one of the segment's: a name is stored in
+        fewer than 100 bytes.  Channels counts characters, and the part of
+        a name after its '!' may hold non-ASCII letters of 2 to 4 bytes."""
+        # The rules look at the name alone, so a name that passed once
+        # passes again: a busy consumer's channel is checked only once.
+        known = type(name) is str and not receive
+        if known and name in self._valid_names:
+            return True
+        super().require_valid_channel_name(name, receive)
+        size = len(name.encode())
+        if size >= lib.DMB_NAME_MAX:
+            raise TypeError(
+                f"channel name {name!r} is {size} bytes in UTF-8; dmb stores "
+                f"names of at most {lib.DMB_NAME_MAX - 1} bytes (non-ASCII "
+                f"characters take 2 to 4 bytes each)"
+            )
+        if known:
+            if len(self._valid_names) >= 10000:
+                self._valid_names.clear()
+            self._valid_names.add(name)
+        return True
 
     async def send(self, channel, message):
         """Send a message onto a (normal or process-specific) channel."""
@@ -368,7 +396,13 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
         )
         if rc == lib.DMB_ERR_CORRUPT:
             # Not retried: some members may have had their copy already.
+            logger.error("segment %s is damaged; repairing it", self.segment_name)
             lib.dmb_repair(self._h)
+            raise SegmentCorrupt(
+                f"group_send to {group!r}: segment {self.segment_name!r} was "
+                f"damaged and has been repaired; the message may have reached "
+                f"only some of the group's members, or none"
+            )
         if rc < 0:
             raise self._error(rc, f"group_send to {group!r}")
         full, nospace = scratch.full[0], scratch.nospace[0]
@@ -443,21 +477,28 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
         in the scratch length, for _take_or_register.
         """
         scratch = self._scratch()
-        while True:
-            rc = self._retrying(
-                lambda now: lib.dmb_recv(
-                    self._h,
-                    self._slot,
-                    name,
-                    len(name),
-                    capacity,
-                    now,
-                    flags,
-                    scratch.buf,
-                    scratch.buf_len,
-                    scratch.len,
-                )
+        if scratch.buf is None:
+            scratch.grow(_FIRST_BUFFER)
+
+        def operation(now):
+            return lib.dmb_recv(
+                self._h,
+                self._slot,
+                name,
+                len(name),
+                capacity,
+                now,
+                flags,
+                scratch.buf,
+                scratch.buf_len,
+                scratch.len,
             )
+
+        while True:
+            # The common case straight, the codes _retrying mends through it.
+            rc = operation(time.monotonic_ns())
+            if rc < 0 and rc in _MENDABLE:
+                rc = self._retrying(operation)
             if rc == 1:
                 return ffi.buffer(scratch.buf, scratch.len[0])
             if rc == 0:
@@ -523,6 +564,8 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
         return message
 
     def _check_owner(self, channel):
+        if self._owned.get(channel) is self._client and self._slot is not None:
+            return  # checked already, for the slot we hold now
         head = channel[: channel.index("!")]
         if self._slot is None:
             self._attach()
@@ -532,6 +575,9 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
                 f"channel made by another process (or another layer instance); "
                 f"only the layer whose new_channel() made it can receive on it"
             )
+        if len(self._owned) >= 10000:
+            self._owned.clear()
+        self._owned[channel] = self._client
 
     # Waking.
 
@@ -539,9 +585,15 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
         """Watch this slot's FIFO in ``loop``; return the doorbell watched."""
         with self._wait_lock:
             bell = self._doorbell
-            count = bell.loops.get(loop, 0)
-            bell.loops[loop] = count + 1
-        if count == 0:
+            # A count of 0 means the reader is still there (_unwatch left
+            # it in): reuse it.
+            registered = loop in bell.loops
+            if not registered:
+                for old in [lp for lp, n in bell.loops.items() if not n]:
+                    if old.is_closed():
+                        del bell.loops[old]  # its selector went with it
+            bell.loops[loop] = bell.loops.get(loop, 0) + 1
+        if not registered:
             loop.add_reader(bell.fd, self._on_doorbell, bell)
         return bell
 
@@ -551,13 +603,33 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
             if count > 0:
                 bell.loops[loop] = count
                 return
-            bell.loops.pop(loop, None)
             retired = bell is not self._doorbell or self._slot is None
+            if not retired and asyncio._get_running_loop() is loop:
+                # Leave the reader in (count 0): a consumer's next receive,
+                # which usually follows at once, reuses it, which saves
+                # taking the FIFO out of epoll and putting it back each
+                # time.  _on_doorbell takes it out if it rings unwatched.
+                bell.loops[loop] = 0
+                return
+            bell.loops.pop(loop, None)
             last = retired and not bell.loops
         if bell.fd is not None and not loop.is_closed():
             loop.remove_reader(bell.fd)
         if last:
             bell.close(unlink=False)  # _retire_doorbell left it to us
+
+    def _drop_reader(self, loop, bell):
+        """Take out a reader _unwatch left in, if nothing watches it again."""
+        with self._wait_lock:
+            if bell.loops.get(loop) != 0:
+                return  # a receive watches again, or it went already
+            del bell.loops[loop]
+            retired = bell is not self._doorbell or self._slot is None
+            last = retired and not bell.loops
+        if bell.fd is not None and not loop.is_closed():
+            loop.remove_reader(bell.fd)
+        if last:
+            bell.close(unlink=False)
 
     def _retire_doorbell(self):
         """Close our FIFO as the slot is given back.
@@ -569,8 +641,20 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
         """
         bell = self._doorbell
         with self._wait_lock:
+            for loop in [lp for lp, n in bell.loops.items() if not n]:
+                if loop.is_closed():
+                    del bell.loops[loop]  # its selector went with it
+            idle = [lp for lp, n in bell.loops.items() if not n]
             watched = bool(bell.loops)
             tickets = [t for ts in self._waiting.values() for t in ts]
+        for loop in idle:  # readers _unwatch left in: out, each in its loop
+            if loop is asyncio._get_running_loop():
+                self._drop_reader(loop, bell)
+            else:
+                try:
+                    loop.call_soon_threadsafe(self._drop_reader, loop, bell)
+                except RuntimeError:
+                    pass  # closed meanwhile: its selector went with it
         if not watched:
             bell.close()
             return
@@ -583,6 +667,9 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
     def _on_doorbell(self, bell):
         if bell.fd is not None:
             self._wake_local(bell.take_reasons())
+            loop = asyncio._get_running_loop()
+            if bell.loops.get(loop) == 0:
+                self._drop_reader(loop, bell)  # nobody waits here any more
 
     def _wake_local(self, reasons):
         """Wake this process's receives waiting on the channels rung."""
@@ -726,7 +813,7 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
             # Refuse at the sender what a receiver could not unpack: keys
             # that are not str (or bytes).
             msgpack.unpackb(data, raw=False, strict_map_key=True)
-        except (TypeError, ValueError, OverflowError) as exc:
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise TypeError(_describe_unsendable(message, exc)) from None
         if len(data) > self.max_message_size:
             raise MessageTooLarge(
@@ -792,6 +879,9 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
         return f"<SharedMemoryChannelLayer segment={self.segment_name!r}>"
 
 
+#: What _retrying mends (expire and sweep, or repair) before it retries.
+_MENDABLE = (lib.DMB_ERR_NOSPACE, lib.DMB_ERR_CHANNELS, lib.DMB_ERR_CORRUPT)
+
 _TABLE_NAMES = {
     lib.DMB_ERR_NOSPACE: "message store",
     lib.DMB_ERR_CHANNELS: "channel",
@@ -825,7 +915,10 @@ class _Scratch:
         self.slot_info = ffi.new("struct dmb_slot_info *")
         # A Packer keeps state between calls, so each thread has its own.
         self.pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
-        self.grow(_FIRST_BUFFER)
+        # The receive buffer comes with the first receive: a thread that
+        # only sends (async_to_sync makes one per call) never pays for it.
+        self.buf = None
+        self.buf_len = 0
 
     def grow(self, size):
         self.buf_len = max(size, _FIRST_BUFFER)
@@ -972,12 +1065,15 @@ def _check_mode(mode):
 
 def _describe_unsendable(message, exc):
     """Say which key of a message msgpack cannot carry, and why."""
-    path, problem = _find_unsendable(message, ())
-    where = "".join(f"[{key!r}]" for key in path) or "the message"
     allowed = (
         "messages may hold str, bytes, int (64-bit), float, bool, None, and "
         "lists and dicts of those, with str keys"
     )
+    try:
+        path, problem = _find_unsendable(message, ())
+    except RecursionError:
+        return f"message cannot be serialised: it is nested too deeply; {allowed}"
+    where = "".join(f"[{key!r}]" for key in path) or "the message"
     if problem is None:
         return f"message cannot be serialised: {exc}; {allowed}"
     return f"message value at {where} cannot be sent: {problem}; {allowed}"

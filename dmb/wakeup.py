@@ -70,6 +70,8 @@ class Doorbell:
             if not chunk:
                 break
             chunks.append(chunk)
+            if len(chunk) < self._capacity:
+                break  # a FIFO read stops short only when it is empty
         data = b"".join(chunks)
         reasons = array.array("I")
         reasons.frombytes(data[: len(data) - len(data) % 4])
