@@ -349,9 +349,9 @@ def guarded(function, timeout, name, what=None):
         except BaseException as exc:  # handed to the main thread below
             result["error"] = exc
 
-    worker = threading.Thread(target=run, name="dmb-inspect-read", daemon=True)
-    worker.start()
+    worker = threading.Thread(target=run, name=_READER, daemon=True)
     try:
+        worker.start()
         worker.join(timeout)
     except BaseException:
         # Ctrl-C while the read runs: let it finish (it is bounded by the
@@ -374,6 +374,9 @@ def guarded(function, timeout, name, what=None):
     if "error" in result:
         raise result["error"]
     return result["value"]
+
+
+_READER = "dmb-inspect-read"
 
 
 def _is_stuck(name):
@@ -451,12 +454,18 @@ def segment_document(reader, members_of=None):
         "members": _members_out(members_of, members, now),
         "counters": {name: getattr(stats.counters, name) for name in COUNTERS},
         "rates": None,
-        "celery": _celery_queues(reader),
+        "celery": _celery_queues(reader, channels),
     }
 
 
-def _celery_queues(reader):
-    """The kombu (Celery) queues in the segment; empty without kombu."""
+def _celery_queues(reader, channels):
+    """The kombu (Celery) queues in the segment; empty without kombu.
+
+    kombu is imported only for a segment that holds its channels: a site
+    without Celery never pays for it.
+    """
+    if not any(c["name"].startswith("kombu:") for c in channels):
+        return []
     try:
         from .kombu import queue_summary
     except ImportError:  # kombu is not installed: no Celery queues to read
@@ -1597,16 +1606,16 @@ class Watch:
 
 
 def exit(code):
-    """Leave the process with ``code``.
+    """Leave the process with ``code``, skipping the interpreter's teardown.
 
-    If a read thread is still stuck in the segment lock, the interpreter's
-    teardown would unmap the segment under it: end the process at once.
+    The tool holds no slot and writes nothing but its output, so there is
+    nothing to tear down; and a read thread still in the segment (stuck in
+    its lock, or cut off by Ctrl-C) must not have the segment unmapped
+    under it, as teardown would.
     """
-    if any(worker.is_alive() for worker in _stuck.values()):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
