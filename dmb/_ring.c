@@ -2187,10 +2187,13 @@ static void repair_move(struct dmb_handle *h)
     append_node(h, chan(h, di), n, block(h, node(h, n)->record)->len);
 }
 
-/* Find or make the destination of a move: its index in *di, and 0, or
- * DMB_ERR_FULL at capacity, or what find_or_make_channel returns. */
+/* Find or make the destination of a move of node n out of channel ci:
+ * its index in *di, and 0, or DMB_ERR_FULL at capacity, or what
+ * find_or_make_channel returns.  A destination that is the source, or
+ * whose tail is n itself (damage: two queues sharing a node), is
+ * DMB_ERR_CORRUPT, since unlinking n would leave its tail dangling. */
 static int open_dst(struct dmb_handle *h, const char *dst, uint32_t dst_len,
-                    uint32_t capacity, uint32_t *di)
+                    uint32_t capacity, uint32_t ci, uint32_t n, uint32_t *di)
 {
     struct dmb_channel *d;
     int rc = find_or_make_channel(h, dst, dst_len, capacity, di);
@@ -2203,11 +2206,11 @@ static int open_dst(struct dmb_handle *h, const char *dst, uint32_t dst_len,
         drop_channel_if_idle(h, *di);
         return DMB_ERR_FULL;
     }
+    if (*di == ci || (d->head != DMB_NONE && d->tail == n))
+        return DMB_ERR_CORRUPT;
     return tail_ok(h, d) ? 0 : DMB_ERR_CORRUPT;
 }
 
-/* A move found src empty: wait on it (and tell the caller its index), or
- * let it go if nothing else holds it. */
 static int move_locked(struct dmb_handle *h, uint32_t slot, const char *src,
                        uint32_t src_len, const char *dst, uint32_t dst_len,
                        uint32_t capacity, uint64_t now, uint32_t flags,
@@ -2230,7 +2233,7 @@ static int move_locked(struct dmb_handle *h, uint32_t slot, const char *src,
         if (rc != 1)
             return rc;
     }
-    rc = open_dst(h, dst, dst_len, capacity, &di);
+    rc = open_dst(h, dst, dst_len, capacity, ci, n, &di);
     if (rc)
         return rc;
     transfer(h, c, DMB_NONE, n, di, now);
@@ -2314,7 +2317,7 @@ static int settle_locked(struct dmb_handle *h, const char *name,
         unref_record(h, rec);
         free_node(h, n);
     } else {
-        rc = open_dst(h, dst, dst_len, capacity, &di);
+        rc = open_dst(h, dst, dst_len, capacity, ci, n, &di);
         if (rc)
             return rc;
         transfer(h, chan(h, ci), prev, n, di, now);
