@@ -64,6 +64,7 @@ from . import segment as seg
 from ._ring_cffi import ffi, lib
 from .errors import ConfigError, SegmentCorrupt, SegmentError, SegmentFull
 from .layer import DEFAULT_SIZE, validate_config
+from .layer import _Scratch as _LayerScratch
 from .wakeup import Doorbell, Ringer
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ NO_DEADLINE = (1 << 64) - 1
 
 _NS = 1_000_000_000
 _SCAN_STEPS = 512  # channel entries looked at per hold of the lock
-_FIRST_BUFFER = 64 * 1024
+_FIRST_BUFFER = 64 * 1024  # as the layer's: receive buffers start here
 _PUMP_BATCH = 64  # messages one event-loop tick delivers at most
 _CLAIM = "dmb.claim"  # payload key of a delivery's claim, never stored
 _ALL_REASONS = lib.DMB_NONE.to_bytes(4, sys.byteorder)  # "look at everything"
@@ -311,22 +312,16 @@ atexit.register(_release_at_exit)
 # The segment operations the transport needs.
 
 
-class _Scratch:
-    """A thread's C out-parameters and receive buffer, reused per call."""
+class _Scratch(_LayerScratch):
+    """The layer's per-thread out-parameters, and those moves need."""
 
     def __init__(self):
-        self.wake = ffi.new("struct dmb_wake *")
+        super().__init__()
         self.ref = ffi.new("struct dmb_ref *")
-        self.len = ffi.new("uint32_t *")
         self.sent = ffi.new("uint64_t *")
         self.pos = ffi.new("uint32_t *")
         self.info = ffi.new("struct dmb_channel_info *")
-        self.slot_info = ffi.new("struct dmb_slot_info *")
         self.grow(_FIRST_BUFFER)
-
-    def grow(self, size):
-        self.buf_len = max(size, _FIRST_BUFFER)
-        self.buf = ffi.new("char[]", self.buf_len)
 
 
 class SegmentClient:
