@@ -90,7 +90,7 @@ def test_many_short_loops_leave_nothing_behind(make_layer):
     for i in range(20):
         channel = f"bench.reuse.{i}"
 
-        async def once():
+        async def once(channel=channel):
             return await receive_after_a_wait(layer, channel)
 
         assert asyncio.run(once()) == {"type": "m"}
