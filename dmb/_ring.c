@@ -443,16 +443,21 @@ static void free_node(struct dmb_handle *h, uint32_t i)
 
 static uint32_t blocks_for(uint32_t len)
 {
-    return len == 0 ? 1 : (len + BLOCK_PAYLOAD - 1) / BLOCK_PAYLOAD;
+    return len == 0 ? 1
+                    : (uint32_t)(((uint64_t)len + BLOCK_PAYLOAD - 1) /
+                                 BLOCK_PAYLOAD);
 }
 
-/* Free a record's chain of blocks (unlinked already, I2). */
+/* Free a record's chain of blocks (unlinked already, I2).  No chain holds
+ * more blocks than are in use: a damaged length (up to 4 GiB) over a chain
+ * that loops would otherwise walk for millions of steps and wrap the
+ * count of used blocks. */
 static void free_record(struct dmb_handle *h, uint32_t rec)
 {
     uint32_t n = blocks_for(block(h, rec)->len);
     uint32_t i = rec;
 
-    while (n-- > 0 && i < h->geo.blocks) {
+    while (n-- > 0 && i < h->geo.blocks && HDR(h)->used_blocks > 0) {
         uint32_t next = block(h, i)->next;
 
         block(h, i)->next = HDR(h)->free_blocks;

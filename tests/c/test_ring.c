@@ -582,6 +582,32 @@ static void test_repair_recovers_damaged_links(void)
     seg_close(&s);
 }
 
+/* A record whose length was damaged to nearly 4 GiB, and a free list
+ * damaged so that freeing the record loops between two blocks: dropping
+ * it stops at the blocks in use, and the store keeps working. */
+static void test_damaged_record_length_is_bounded(void)
+{
+    struct seg s;
+    struct dmb_block_view {
+        uint32_t next, refs, len, reserved;
+    } *b;
+
+    seg_open(&s, SEG_SIZE);
+    CHECK_EQ(send_str(&s, "d", "0123456789", 100, 0, NO_EXPIRY), 0);
+    CHECK_EQ(stats(&s).used_blocks, 1);
+    /* The store hands out block 0 first, then block 1. */
+    b = (struct dmb_block_view *)((char *)s.base + s.h.off_blocks);
+    CHECK_EQ(b[0].len, 10);
+    b[0].len = 0xfffffff0u;
+    b[0].next = 1;
+    b[1].next = 0;
+    CHECK_EQ(dmb_flush(&s.h), 0);
+    CHECK_EQ(stats(&s).used_blocks, 0);
+    CHECK_EQ(send_str(&s, "z", "ok", 10, 0, NO_EXPIRY), 0);
+    CHECK_EQ(recv_str(&s, "z"), 1);
+    seg_close(&s);
+}
+
 static uint64_t rng_state = 88172645463325252ull;
 
 static uint64_t rnd(void)
@@ -933,6 +959,7 @@ static const struct test tests[] = {
     T(flush_keeps_waiters),
     T(killed_lock_holder_is_repaired),
     T(repair_recovers_damaged_links),
+    T(damaged_record_length_is_bounded),
     T(random_ops_keep_accounting),
     T(random_damage_never_crashes),
     T(move_settles_by_reference),
