@@ -321,9 +321,11 @@ def _user(uid):
         return str(uid)
 
 
-#: Reads that timed out and are still waiting, by segment name: --watch
-#: asks again each frame, and must not pile up one stuck thread per frame.
-_stuck = {}
+#: The latest read of each segment, by name: an event its thread sets once
+#: it has left the mapping.  --watch reads again each frame and must not
+#: pile up one stuck thread per frame, and nothing may unmap a segment
+#: while a read is inside it.
+_reads = {}
 
 
 def guarded(function, timeout, name, what=None):
@@ -333,6 +335,12 @@ def guarded(function, timeout, name, what=None):
     process stopped while holding either (or garbage where the lock should
     be) would hang this tool, so the main thread waits with a limit.  A
     thread left stuck holds nothing: it is only waiting.
+
+    Whether the read is over is what the thread itself says, by an event
+    it sets on its way out, never ``Thread.is_alive()``: on Python 3.11 a
+    Ctrl-C that interrupts ``join()`` marks a running thread stopped, and
+    unmapping under a thread that holds the segment lock would crash this
+    tool and leave the lock held for every process of the site.
     """
     what = what or name
     if _is_stuck(name):
@@ -342,27 +350,28 @@ def guarded(function, timeout, name, what=None):
             status="locked",
         )
     result = {}
+    done = threading.Event()
 
     def run():
         try:
             result["value"] = function()
         except BaseException as exc:  # handed to the main thread below
             result["error"] = exc
+        finally:
+            done.set()
 
+    _reads[name] = done
     worker = threading.Thread(target=run, name=_READER, daemon=True)
     try:
         worker.start()
-        worker.join(timeout)
+        finished = done.wait(timeout)
     except BaseException:
         # Ctrl-C while the read runs: let it finish (it is bounded by the
         # lock's patience) before the mapping may go; if it does not,
         # close() leaves the mapping alone and exit() skips teardown.
-        worker.join(timeout)
-        if worker.is_alive():
-            _stuck[name] = worker
+        done.wait(timeout)
         raise
-    if worker.is_alive():
-        _stuck[name] = worker
+    if not finished:
         raise InspectError(
             EXIT_DAMAGED,
             f"{what}: no answer within {timeout:g}s; a process is holding the "
@@ -380,7 +389,8 @@ _READER = "dmb-inspect-read"
 
 
 def _is_stuck(name):
-    return name in _stuck and _stuck[name].is_alive()
+    """Is a read of this segment still inside its mapping?"""
+    return name in _reads and not _reads[name].is_set()
 
 
 # Turning C structs into plain dicts.

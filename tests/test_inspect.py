@@ -1055,6 +1055,41 @@ def test_a_stuck_lock_is_reported_within_the_timeout(prefix):
     assert [p["alive"] for p in document["processes"]] == [False]
 
 
+def test_ctrl_c_during_a_read_keeps_the_mapping_until_the_read_ends(make_layer):
+    """Ctrl-C in the middle of a read must not unmap under the read.
+
+    The read thread may hold the segment lock; unmapping under it crashed
+    the tool, and a lock whose holder's memory is gone is never marked
+    dead, so every process of the site stalled on it.
+    """
+    layer = make_layer()
+    name = layer.segment_name
+    reader = dmb_inspect.SegmentReader(name)
+    inside, release = threading.Event(), threading.Event()
+
+    def read():
+        inside.set()
+        release.wait(30)  # a read that is still in the segment
+        return reader.stats()
+
+    def ctrl_c():
+        inside.wait(30)
+        time.sleep(0.1)  # the main thread is waiting for the read
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        dmb_inspect.guarded(read, 0.5, name)
+    assert dmb_inspect._is_stuck(name)
+    reader.close()  # must leave the mapping: the read is inside it
+    release.set()
+    assert wait_for(lambda: not dmb_inspect._is_stuck(name))
+    # The read ended in a live mapping, and the lock is free for everyone.
+    layer.send_sync("inspect.after", {"n": 1})
+    assert asyncio.run(layer.receive("inspect.after")) == {"n": 1}
+    reader.close()
+
+
 # Permissions: the tool runs as another user (root ignores file modes).
 
 
