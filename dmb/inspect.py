@@ -51,6 +51,7 @@ EXIT_PERMISSION = 4
 EXIT_NOT_DMB = 5  # not a dmb segment, another layout version, never formatted
 EXIT_REFUSED = 6  # --unlink while live processes are attached, without --force
 EXIT_DAMAGED = 7  # truncated or inconsistent segment, or its lock is stuck
+EXIT_INTERRUPTED = 130  # Ctrl-C before the work was done (128 + SIGINT)
 
 BACKENDS = ("dmb.SharedMemoryChannelLayer", "dmb.layer.SharedMemoryChannelLayer")
 COUNTERS = (
@@ -361,17 +362,11 @@ def guarded(function, timeout, name, what=None):
             done.set()
 
     _reads[name] = done
-    worker = threading.Thread(target=run, name=_READER, daemon=True)
-    try:
-        worker.start()
-        finished = done.wait(timeout)
-    except BaseException:
-        # Ctrl-C while the read runs: let it finish (it is bounded by the
-        # lock's patience) before the mapping may go; if it does not,
-        # close() leaves the mapping alone and exit() skips teardown.
-        done.wait(timeout)
-        raise
-    if not finished:
+    # Ctrl-C here goes straight up: the read may go on in its thread, and
+    # close() leaves the mapping to it while it does (exit() then skips the
+    # interpreter's teardown).
+    threading.Thread(target=run, name=_READER, daemon=True).start()
+    if not done.wait(timeout):
         raise InspectError(
             EXIT_DAMAGED,
             f"{what}: no answer within {timeout:g}s; a process is holding the "
@@ -1169,7 +1164,9 @@ def _positive_float(text):
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}")
     if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"must be a positive, finite number: {text!r}"
+        )
     return value
 
 
@@ -1198,10 +1195,30 @@ def _check_usage(parser, args, channel_layers):
             "--list shows every segment; --peek, --purge, --unlink and "
             "--members need one (--prefix, --name or --settings)"
         )
+    for option, channel in (("--peek", args.peek), ("--purge", args.purge)):
+        if channel is not None and not _valid_channel_name(channel):
+            parser.error(
+                f"{option} {channel!r}: not a channel name (ASCII letters, "
+                f"digits, '-', '_' and '.', with at most one '!', under 100 "
+                f"characters), nor a Celery queue's 'kombu:' name"
+            )
     if args.name and not args.name.startswith("/dmb-"):
         parser.error(
             f"--name {args.name!r}: dmb segment names look like /dmb-1000-asgi"
         )
+
+
+def _valid_channel_name(name):
+    """Channels' own rules, as every layer applies them; or one of the
+    transport's ``kombu:`` names that the channel list shows."""
+    from channels.layers import BaseChannelLayer
+
+    if name.startswith("kombu:"):
+        return True
+    try:
+        return BaseChannelLayer().require_valid_channel_name(name)
+    except TypeError:
+        return False
 
 
 def target_name(args, channel_layers=None):
@@ -1236,7 +1253,7 @@ def _private_or_shared(prefix, uid):
 
 
 def _check_prefix(prefix):
-    if not PREFIX_RE.match(prefix):
+    if not PREFIX_RE.fullmatch(prefix):
         raise InspectError(
             EXIT_USAGE,
             f"--prefix {prefix!r}: a prefix is ASCII letters, digits, '-', '_' or '.'",
@@ -1313,7 +1330,10 @@ def main(argv=None, channel_layers=None, prog=None, stdout=None, stderr=None):
     except BrokenPipeError:
         return EXIT_OK
     except KeyboardInterrupt:
-        return EXIT_OK
+        # Ctrl-C is how --watch ends; anywhere else the work was not done,
+        # and a script must not take a --purge that never ran for success.
+        err.write(f"{parser.prog}: interrupted\n")
+        return EXIT_INTERRUPTED
 
 
 def _fail(args, code, message, out, err, prog):

@@ -1055,6 +1055,48 @@ def test_a_stuck_lock_is_reported_within_the_timeout(prefix):
     assert [p["alive"] for p in document["processes"]] == [False]
 
 
+@pytest.mark.parametrize("mode", [[], ["--purge", "inspect.stuck"]])
+def test_ctrl_c_while_the_lock_is_stuck_exits_130_at_once(prefix, mode):
+    script = textwrap.dedent(f"""
+        from dmb import SharedMemoryChannelLayer
+        from dmb._ring_cffi import lib
+        layer = SharedMemoryChannelLayer(prefix={prefix!r}, size={TEST_SIZE})
+        layer.send_sync("inspect.stuck", {{"n": 0}})
+        lib.dmb_test_crash_at(1, 2)  # pause inside the next send, lock held
+        print("ready", flush=True)
+        layer.send_sync("inspect.stuck", {{"n": 1}})
+        """)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "ready\n"
+        time.sleep(0.3)  # the send reaches its crash point
+        tool = subprocess.Popen(
+            [sys.executable, "-m", "dmb.inspect", "--prefix", prefix,
+             "--timeout", "60", *mode],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        time.sleep(1.5)  # it waits for the lock
+        assert tool.poll() is None
+        interrupted = time.monotonic()
+        tool.send_signal(signal.SIGINT)
+        out, err = tool.communicate(timeout=30)
+        # Not the 60 s of --timeout, and not 0: nothing was purged.
+        assert time.monotonic() - interrupted < 10
+        assert tool.returncode == 130, (out, err)
+        assert "interrupted" in err
+        assert "purged" not in out
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    # The held message is still queued: the repair after the holder's death
+    # keeps what was linked before it stopped.
+    document = run_json("--prefix", prefix)
+    (channel,) = [c for c in document["channels"] if c["name"] == "inspect.stuck"]
+    assert channel["depth"] >= 1
+
+
 def test_ctrl_c_during_a_read_keeps_the_mapping_until_the_read_ends(make_layer):
     """Ctrl-C in the middle of a read must not unmap under the read.
 
@@ -1159,6 +1201,10 @@ def test_another_users_segment_is_permission_denied(make_layer):
         ["--settings", "no_such_settings_module_here"],
         ["--list", "--peek", "x.y"],
         ["--bogus"],
+        ["--prefix", "a", "--purge", "bad!x!y"],
+        ["--prefix", "a", "--peek", "has space"],
+        ["--prefix", "a\n"],
+        ["--timeout", "inf"],
     ],
 )
 def test_usage_errors_exit_2(args):
