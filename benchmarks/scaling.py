@@ -56,13 +56,14 @@ async def channels(ctx, counts, ops, repeats):
             )
             # The same random pairs with the layer's cache of validated names
             # kept empty: what a working set too big for that cache pays.
-            cache, layer._valid_names = layer._valid_names, _NoCache()
+            cache = layer._valid_names, layer._valid_names_older
+            layer._valid_names = layer._valid_names_older = _NoCache()
             try:
                 row["random_nocache_us"].append(
                     await _pairs(layer, names, picks, payload, sent, taken, check)
                 )
             finally:
-                layer._valid_names = cache
+                layer._valid_names, layer._valid_names_older = cache
         stats = ffi_stats(layer)
         row["used_channels"] = stats["used_channels"]
         for key in ("random_us", "one_us", "random_nocache_us"):

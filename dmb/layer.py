@@ -44,7 +44,8 @@ DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024
 #: channels_redis options that mean nothing on one host: accepted, ignored,
 #: and reported by the dmb.W001 system check.
 IGNORED_OPTIONS = ("hosts", "symmetric_encryption_keys")
-PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+#: What a prefix may hold (use fullmatch: "$" would let a final newline in).
+PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]+")
 #: The key channels_redis writes into messages to route them; refused here.
 RESERVED_KEY = "__asgi_channel__"
 
@@ -85,7 +86,12 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
         self._expiry_ns = int(self.expiry * _NS)
         self._group_expiry_ns = int(self.group_expiry * _NS)
         self._capacities = {}
-        self._valid_names = set()  # channel names that passed validation
+        # Channel names that passed validation, in two generations: the
+        # newer fills to _NAME_GENERATION names, then becomes the older and
+        # the older is dropped.  A working set of that many names always
+        # stays checked, and a larger one keeps much of itself.
+        self._valid_names = set()
+        self._valid_names_older = set()
         self._owned = {}  # specific channel -> the client prefix it matched
         self._segment = None
         self._slot = None
@@ -215,7 +221,7 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
         # The rules look at the name alone, so a name that passed once
         # passes again: a busy consumer's channel is checked only once.
         known = type(name) is str and not receive
-        if known and name in self._valid_names:
+        if known and (name in self._valid_names or name in self._valid_names_older):
             return True
         super().require_valid_channel_name(name, receive)
         size = len(name.encode())
@@ -226,8 +232,9 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
                 f"characters take 2 to 4 bytes each)"
             )
         if known:
-            if len(self._valid_names) >= 10000:
-                self._valid_names.clear()
+            if len(self._valid_names) >= _NAME_GENERATION:
+                self._valid_names_older = self._valid_names
+                self._valid_names = set()
             self._valid_names.add(name)
         return True
 
@@ -879,6 +886,9 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
         return f"<SharedMemoryChannelLayer segment={self.segment_name!r}>"
 
 
+#: Validated channel names kept per generation (two generations are kept).
+_NAME_GENERATION = 65536
+
 #: What _retrying mends (expire and sweep, or repair) before it retries.
 _MENDABLE = (lib.DMB_ERR_NOSPACE, lib.DMB_ERR_CHANNELS, lib.DMB_ERR_CORRUPT)
 
@@ -956,10 +966,8 @@ def validate_config(config):
     given = {**DEFAULTS, **config}
     size = _check_size(given["size"])
     return {
-        "expiry": _positive("expiry", given["expiry"], maximum=MAX_SECONDS),
-        "group_expiry": _positive(
-            "group_expiry", given["group_expiry"], maximum=MAX_SECONDS
-        ),
+        "expiry": _seconds("expiry", given["expiry"]),
+        "group_expiry": _seconds("group_expiry", given["group_expiry"]),
         "capacity": _positive(
             "capacity", given["capacity"], integer=True, maximum=MAX_CAPACITY
         ),
@@ -991,6 +999,22 @@ def _positive(option, value, integer=False, maximum=None):
     return value
 
 
+#: The shortest expiry that makes sense: below it a message or membership
+#: lapses before another process could take it (and below 1 ns, at once).
+MIN_SECONDS = 0.001
+
+
+def _seconds(option, value):
+    _positive(option, value, maximum=MAX_SECONDS)
+    if value < MIN_SECONDS:
+        raise ConfigError(
+            f"CONFIG {option!r} must be at least {MIN_SECONDS} seconds, not "
+            f"{value!r}: anything shorter lapses before another process can "
+            f"take it"
+        )
+    return value
+
+
 def _check_channel_capacity(channel_capacity):
     if channel_capacity is None:
         return {}
@@ -1015,7 +1039,7 @@ def _check_channel_capacity(channel_capacity):
 
 
 def _check_prefix(prefix):
-    if not isinstance(prefix, str) or not PREFIX_RE.match(prefix):
+    if not isinstance(prefix, str) or not PREFIX_RE.fullmatch(prefix):
         raise ConfigError(
             f"CONFIG 'prefix' must be a non-empty string of ASCII letters, "
             f"digits, '-', '_' or '.', not {prefix!r}"

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import mmap
 import os
+import stat
 import time
 
 import posix_ipc
@@ -49,7 +50,9 @@ def segment_name(prefix, uid=None, shared=False):
     A private segment (mode 0o600) carries the user id, which keeps two
     users' segments apart; a ``shared`` one (a mode that lets a group or
     others in) does not, so processes of several users meet in it.  A name
-    too long for the 31-byte limit is shortened and made unique by a hash.
+    too long for the 31-byte limit is shortened and made unique by a hash,
+    after a ``~``: no prefix may hold one, so no short prefix can name the
+    segment of a long one.
     """
     owner = "s" if shared else os.getuid() if uid is None else uid
     head = f"/dmb-{owner}-"
@@ -58,7 +61,7 @@ def segment_name(prefix, uid=None, shared=False):
         return name
     digest = hashlib.sha1(prefix.encode()).hexdigest()[:8]
     keep = NAME_LIMIT - len(head) - len(digest) - 1
-    return f"{head}{prefix[:keep]}-{digest}"
+    return f"{head}{prefix[:keep]}~{digest}"
 
 
 def segment_path(name):
@@ -97,8 +100,8 @@ def process_start_time(pid):
     start time.
     """
     with open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+        line = f.read()
+    return int(line[line.rindex(b")") + 2 :].split()[19])
 
 
 def process_alive(pid, start_time):
@@ -111,13 +114,23 @@ def process_alive(pid, start_time):
         pass  # another user's live process
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+            line = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return False
     except OSError:
         return True
-    fields = stat[stat.rindex(b")") + 2 :].split()
+    fields = line[line.rindex(b")") + 2 :].split()
     return fields[0] not in (b"Z", b"X") and int(fields[19]) == start_time
+
+
+_FILE_KINDS = {
+    stat.S_IFDIR: "directory",
+    stat.S_IFIFO: "FIFO",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFLNK: "symbolic link",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+}
 
 
 class Segment:
@@ -149,7 +162,14 @@ class Segment:
             raise
 
     def _open(self):
-        shm = self._shm_open()
+        try:
+            shm = self._shm_open()
+        except ValueError:
+            # posix_ipc's "Invalid parameter(s)": the name is a directory.
+            raise self._not_a_segment_error() from None
+        if not stat.S_ISREG(os.fstat(shm.fd).st_mode):
+            shm.close_fd()
+            raise self._not_a_segment_error()
         try:
             fcntl.flock(shm.fd, fcntl.LOCK_EX)
             size = os.fstat(shm.fd).st_size
@@ -202,6 +222,18 @@ class Segment:
             raise FileNotFoundError(
                 errno.ENOENT, f"no such segment {self.name!r}", segment_path(self.name)
             ) from None
+
+    def _not_a_segment_error(self):
+        path = segment_path(self.name)
+        try:
+            kind = _FILE_KINDS.get(stat.S_IFMT(os.lstat(path).st_mode), "not a file")
+        except OSError:
+            kind = "not a file"
+        return SegmentError(
+            f"{path} is a {kind}, not a shared-memory segment, so segment "
+            f"{self.name!r} cannot be made there; remove it, or give the "
+            f"layer another CONFIG 'prefix'"
+        )
 
     def _unformatted_error(self):
         return SegmentError(

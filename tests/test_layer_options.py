@@ -16,12 +16,14 @@ NAN = float("nan")
 INF = float("inf")
 
 BAD_VALUES = {
-    "expiry": ["60", 0, -1, -0.5, True, False, None, [60], NAN, INF, 10**30],
-    "group_expiry": ["86400", 0, -5, True, None, NAN, INF, 10**11],
+    "expiry": ["60", 0, -1, -0.5, True, False, None, [60], NAN, INF, 10**30,
+               1e-12, 0.0009],
+    "group_expiry": ["86400", 0, -5, True, None, NAN, INF, 10**11, 1e-12],
     "capacity": ["100", 0, -1, 1.5, True, None, 2**32, 10**30],
     "size": ["big", 0, -1, 4.5 * 1024 * 1024, True, MIN_SIZE - 1],
     "max_message_size": ["1k", 0, -1, 10.5, True],
-    "prefix": ["", "has space", "a/b", "slash/", "caf\u00e9", 5, None, b"asgi"],
+    "prefix": ["", "has space", "a/b", "slash/", "caf\u00e9", 5, None, b"asgi",
+               "asgi\n", "long~tail"],
     "mode": ["600", 0o400, 0o200, 0o000, 0o644 & ~0o200, 0o1600, True, 6.0],
     "channel_capacity": [
         ["http.*", 10],

@@ -11,7 +11,8 @@ import posix_ipc
 import pytest
 from dmb_tools import stats
 
-from dmb import SegmentError
+from dmb import SegmentError, SharedMemoryChannelLayer
+from dmb.errors import ConfigError
 from dmb.segment import (
     LAYOUT_VERSION,
     MIN_SIZE,
@@ -97,8 +98,25 @@ def test_long_prefix_is_shortened_to_31_chars_with_a_hash():
         assert name.startswith("/dmb-1000-a-very")
     assert name_one != name_two, "prefixes differing only at the end collide"
     assert segment_name(one, uid=1000) == name_one, "the name is not stable"
-    assert name_one.rsplit("-", 1)[1].isalnum()
+    assert name_one.rsplit("~", 1)[1].isalnum()
     assert segment_name(one, uid=1001) != name_one
+
+
+def test_no_short_prefix_names_a_long_prefixs_segment():
+    long_prefix = "atk" + "x" * 300
+    shortened = segment_name(long_prefix, uid=1000)
+    # The one short prefix that would give the same name is the shortened
+    # tail itself, and a prefix cannot hold its "~".
+    tail = shortened[len("/dmb-1000-"):]
+    assert "~" in tail
+    with pytest.raises(ConfigError, match="'prefix'"):
+        SharedMemoryChannelLayer(prefix=tail)
+
+
+@pytest.mark.parametrize("prefix", ["site\n", "site\r\n", "\nsite", "si te"])
+def test_a_prefix_with_a_line_break_or_space_is_refused(prefix):
+    with pytest.raises(ConfigError, match="'prefix'"):
+        SharedMemoryChannelLayer(prefix=prefix)
 
 
 def test_long_prefix_layer_gets_a_working_segment(make_layer, prefix):
@@ -184,3 +202,17 @@ def test_version_mismatch_is_a_clear_error(make_layer, prefix):
     assert f"layout version {LAYOUT_VERSION + 1}" in text
     assert f"uses {LAYOUT_VERSION}" in text
     assert "--unlink" in text
+
+
+@pytest.mark.parametrize("kind", ["directory", "FIFO"])
+def test_a_name_taken_by_a_directory_or_fifo_is_a_clear_error(prefix, kind):
+    path = segment_path(segment_name(prefix))
+    os.mkdir(path) if kind == "directory" else os.mkfifo(path)
+    try:
+        with pytest.raises(SegmentError) as caught:
+            SharedMemoryChannelLayer(prefix=prefix, size=1 << 20)
+        message = str(caught.value)
+        assert f"{path} is a {kind}, not a shared-memory segment" in message
+        assert "CONFIG 'prefix'" in message
+    finally:
+        os.rmdir(path) if kind == "directory" else os.unlink(path)
