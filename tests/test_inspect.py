@@ -8,6 +8,7 @@ and for the live view inside a real pseudo-terminal.
 
 import asyncio
 import base64
+import contextlib
 import errno
 import fcntl
 import io
@@ -1019,15 +1020,19 @@ def test_damaged_tables_are_shown_not_crashed_on(make_layer):
     assert "it is damaged" in err
 
 
-def test_a_stuck_lock_is_reported_within_the_timeout(prefix):
+@contextlib.contextmanager
+def lock_held_by_a_stopped_sender(prefix, queued=0):
+    """A process paused inside a send, holding the segment lock, after
+    ``queued`` messages on inspect.stuck; SIGKILLed on the way out."""
     script = textwrap.dedent(f"""
-        import sys
         from dmb import SharedMemoryChannelLayer
         from dmb._ring_cffi import lib
         layer = SharedMemoryChannelLayer(prefix={prefix!r}, size={TEST_SIZE})
+        for n in range({queued}):
+            layer.send_sync("inspect.stuck", {{"n": n}})
         lib.dmb_test_crash_at(1, 2)  # pause inside the next send, lock held
         print("ready", flush=True)
-        layer.send_sync("inspect.stuck", {{"n": 1}})
+        layer.send_sync("inspect.stuck", {{"n": -1}})
         """)
     holder = subprocess.Popen(
         [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
@@ -1035,6 +1040,14 @@ def test_a_stuck_lock_is_reported_within_the_timeout(prefix):
     try:
         assert holder.stdout.readline() == "ready\n"
         time.sleep(0.3)  # the send reaches its crash point
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+
+
+def test_a_stuck_lock_is_reported_within_the_timeout(prefix):
+    with lock_held_by_a_stopped_sender(prefix):
         started = time.monotonic()
         result = run_cli("--prefix", prefix, "--timeout", "1")
         assert time.monotonic() - started < 10
@@ -1046,9 +1059,6 @@ def test_a_stuck_lock_is_reported_within_the_timeout(prefix):
             if e["name"] == segment_name(prefix)
         ]
         assert entry["status"] == "locked"
-    finally:
-        holder.kill()
-        holder.wait(timeout=10)
     # The holder died with the lock: the next taker repairs, and we can read.
     document = run_json("--prefix", prefix)
     assert document["counters"]["repairs"] == 1
@@ -1057,21 +1067,7 @@ def test_a_stuck_lock_is_reported_within_the_timeout(prefix):
 
 @pytest.mark.parametrize("mode", [[], ["--purge", "inspect.stuck"]])
 def test_ctrl_c_while_the_lock_is_stuck_exits_130_at_once(prefix, mode):
-    script = textwrap.dedent(f"""
-        from dmb import SharedMemoryChannelLayer
-        from dmb._ring_cffi import lib
-        layer = SharedMemoryChannelLayer(prefix={prefix!r}, size={TEST_SIZE})
-        layer.send_sync("inspect.stuck", {{"n": 0}})
-        lib.dmb_test_crash_at(1, 2)  # pause inside the next send, lock held
-        print("ready", flush=True)
-        layer.send_sync("inspect.stuck", {{"n": 1}})
-        """)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline() == "ready\n"
-        time.sleep(0.3)  # the send reaches its crash point
+    with lock_held_by_a_stopped_sender(prefix, queued=1):
         tool = subprocess.Popen(
             [sys.executable, "-m", "dmb.inspect", "--prefix", prefix,
              "--timeout", "60", *mode],
@@ -1087,11 +1083,8 @@ def test_ctrl_c_while_the_lock_is_stuck_exits_130_at_once(prefix, mode):
         assert tool.returncode == 130, (out, err)
         assert "interrupted" in err
         assert "purged" not in out
-    finally:
-        holder.kill()
-        holder.wait(timeout=10)
-    # The held message is still queued: the repair after the holder's death
-    # keeps what was linked before it stopped.
+    # The queued message is still there: the repair after the holder's
+    # death keeps what was linked before it stopped.
     document = run_json("--prefix", prefix)
     (channel,) = [c for c in document["channels"] if c["name"] == "inspect.stuck"]
     assert channel["depth"] >= 1
