@@ -1,6 +1,7 @@
 """Django system checks of every CHANNEL_LAYERS entry that uses dmb.
 
     dmb.E001  a CONFIG option is wrong (the message names it)
+    dmb.E002  a TEST_CONFIG option is wrong, laid over CONFIG for test runs
     dmb.W001  a channels_redis option that means nothing on one host
               (hosts, symmetric_encryption_keys) is set and ignored
     dmb.W002  two aliases share one prefix, so they share one segment
@@ -11,6 +12,7 @@ from django.core import checks
 
 from .errors import ConfigError
 from .layer import validate_config
+from .testing import test_config
 
 BACKEND = "dmb.SharedMemoryChannelLayer"
 BACKENDS = {BACKEND, "dmb.layer.SharedMemoryChannelLayer"}
@@ -31,6 +33,15 @@ def check_channel_layers(app_configs=None, **kwargs):
                 checks.Error(str(exc), id="dmb.E001", obj=f"CHANNEL_LAYERS[{alias!r}]")
             )
             continue
+        if "TEST_CONFIG" in entry:
+            try:
+                test_config(alias, entry)
+            except ConfigError as exc:
+                messages.append(
+                    checks.Error(
+                        str(exc), id="dmb.E002", obj=f"CHANNEL_LAYERS[{alias!r}]"
+                    )
+                )
         for key in options["ignored"]:
             messages.append(
                 checks.Warning(

@@ -952,12 +952,17 @@ def _duration(seconds):
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
+def _count(n, one, many=None):
+    """'1 message', '2 messages'."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def render_peek(document):
     channel = _printable(document["channel"])
     count = len(document["messages"])
     title = (
-        f"segment {document['segment']}, channel {channel}: {count} messages "
-        f"from the head (not taken)"
+        f"segment {document['segment']}, channel {channel}: "
+        f"{_count(count, 'message')} from the head (not taken)"
     )
     lines = [title]
     for m in document["messages"]:
@@ -1438,7 +1443,10 @@ def _purge(reader, args, out):
             },
         )
     else:
-        _write(out, [f"purged {purged} messages from {args.purge!r} in {reader.name}"])
+        _write(
+            out,
+            [f"purged {_count(purged, 'message')} from {args.purge!r} in {reader.name}"],
+        )
     return EXIT_OK
 
 
@@ -1449,8 +1457,9 @@ def unlink(name, args, out):
         pids = ", ".join(str(p["pid"]) for p in live)
         raise InspectError(
             EXIT_REFUSED,
-            f"refused: {len(live)} live processes are attached to {name} (pids "
-            f"{pids}); stop them first, or add --force: the attached processes "
+            f"refused: {_count(len(live), 'live process is', 'live processes are')} "
+            f"attached to {name} ({'pid' if len(live) == 1 else 'pids'} {pids}); "
+            f"stop them first, or add --force: the attached processes "
             f"go on using the removed segment among themselves, and processes "
             f"started afterwards make a new one",
         )

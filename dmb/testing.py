@@ -24,6 +24,7 @@ import contextlib
 import os
 import secrets
 
+from .errors import ConfigError
 from .segment import segment_name, unlink_segment
 
 BACKENDS = ("dmb.SharedMemoryChannelLayer", "dmb.layer.SharedMemoryChannelLayer")
@@ -35,6 +36,33 @@ def test_prefix(base="test"):
 
 
 test_prefix.__test__ = False  # not a test, whatever pytest thinks of the name
+
+
+def test_config(alias, entry):
+    """An entry's CONFIG with its TEST_CONFIG laid over it, checked.
+
+    A mistake in CONFIG raises ConfigError as CONFIG's; one that TEST_CONFIG
+    brings raises it naming TEST_CONFIG.
+    """
+    from .layer import validate_config
+
+    overrides = entry.get("TEST_CONFIG", {})
+    where = f"CHANNEL_LAYERS[{alias!r}]['TEST_CONFIG']"
+    if not isinstance(overrides, dict):
+        raise ConfigError(
+            f"{where} must be a dict of options, not {type(overrides).__name__}"
+        )
+    config = entry.get("CONFIG", {})
+    validate_config(config)
+    merged = {**config, **overrides}
+    try:
+        validate_config(merged)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}, laid over CONFIG for test runs: {exc}") from None
+    return merged
+
+
+test_config.__test__ = False  # not a test, whatever pytest thinks of the name
 
 
 @contextlib.contextmanager
@@ -57,7 +85,7 @@ def isolated_channel_layers(base="test"):
     for alias, entry in getattr(settings, "CHANNEL_LAYERS", {}).items():
         entry = dict(entry)
         if entry.get("BACKEND") in BACKENDS:
-            config = {**entry.get("CONFIG", {}), **entry.get("TEST_CONFIG", {})}
+            config = test_config(alias, entry)
             prefix = test_prefix(entry.get("TEST_CONFIG", {}).get("prefix", base))
             prefixes.append(prefix)
             entry["CONFIG"] = {**config, "prefix": prefix}

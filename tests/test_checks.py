@@ -13,6 +13,7 @@ if not settings.configured:
     django.setup()
 
 from dmb.checks import check_channel_layers  # noqa: E402
+from dmb.errors import ConfigError  # noqa: E402
 from dmb.segment import segment_name, segment_path  # noqa: E402
 from dmb.testing import isolated_channel_layers  # noqa: E402
 
@@ -52,6 +53,32 @@ def test_unknown_option_is_an_error_naming_it():
         messages = check_channel_layers()
     assert ids(messages) == ["dmb.E001"]
     assert "capacitty" in messages[0].msg
+
+
+@pytest.mark.parametrize(
+    "test_config, wrong",
+    [({"capcity": 5}, "capcity"), ({"size": 10}, "'size'"), ("small", "dict")],
+)
+def test_a_wrong_test_config_is_an_error_naming_test_config(test_config, wrong):
+    entry = {"BACKEND": BACKEND, "CONFIG": {"prefix": "site"}, "TEST_CONFIG": test_config}
+    with override_settings(CHANNEL_LAYERS={"default": entry}):
+        messages = check_channel_layers()
+        assert ids(messages) == ["dmb.E002"]
+        assert "['TEST_CONFIG']" in messages[0].msg and wrong in messages[0].msg
+        # A test run says the same, before it makes any segment.
+        with pytest.raises(ConfigError, match=r"\['TEST_CONFIG'\]"):
+            with isolated_channel_layers():
+                pass
+
+
+def test_a_valid_test_config_passes_checks():
+    entry = {
+        "BACKEND": BACKEND,
+        "CONFIG": {"prefix": "site"},
+        "TEST_CONFIG": {"prefix": "site-test", "size": 4 * 1024 * 1024},
+    }
+    with override_settings(CHANNEL_LAYERS={"default": entry}):
+        assert check_channel_layers() == []
 
 
 def test_two_aliases_sharing_a_prefix_are_warned_about():
