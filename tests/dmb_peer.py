@@ -56,6 +56,14 @@ def run_seconds():
         return int(f.read().split()[0]) / 1e9
 
 
+def wakeups():
+    """(times scheduled in, voluntary context switches) of this process:
+    what a failed idle check needs, to tell one stray tick from a timer."""
+    with open("/proc/self/schedstat") as f:
+        timeslices = int(f.read().split()[2])
+    return timeslices, resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+
+
 async def idle(layer, spec, commands):
     """Hold many pending receives and measure this process's CPU meanwhile."""
     count = spec["receives"]
@@ -73,16 +81,22 @@ async def idle(layer, spec, commands):
     windows = []
     for _ in range(spec.get("windows", 1)):
         user0, sys0 = cpu_seconds()
-        run0 = run_seconds()
+        run0, woken0 = run_seconds(), wakeups()
         await asyncio.sleep(spec["window"])
-        run1 = run_seconds()
+        run1, woken1 = run_seconds(), wakeups()
         user1, sys1 = cpu_seconds()
         windows.append(
-            {"user": user1 - user0, "system": sys1 - sys0, "run": run1 - run0}
+            {
+                "user": user1 - user0,
+                "system": sys1 - sys0,
+                "run": run1 - run0,
+                "scheduled": woken1[0] - woken0[0],
+                "voluntary_switches": woken1[1] - woken0[1],
+            }
         )
         if f"{run1 - run0:.2f}" == "0.00":
             break
-    emit(cpu=min(windows, key=lambda w: w["run"]), windows=windows)
+    emit(cpu={**min(windows, key=lambda w: w["run"]), "windows": windows})
     done = await asyncio.wait_for(asyncio.gather(*tasks), spec["timeout"])
     emit(received=done)
 
