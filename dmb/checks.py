@@ -11,11 +11,9 @@ from django.conf import settings
 from django.core import checks
 
 from .errors import ConfigError
-from .layer import validate_config
+from .layer import BACKENDS, validate_config
 from .testing import test_config
 
-BACKEND = "dmb.SharedMemoryChannelLayer"
-BACKENDS = {BACKEND, "dmb.layer.SharedMemoryChannelLayer"}
 
 
 @checks.register("dmb")

@@ -36,7 +36,7 @@ import posix_ipc
 from . import segment as seg
 from ._ring_cffi import ffi, lib
 from .errors import ConfigError, SegmentCorrupt, SegmentError
-from .layer import PREFIX_RE, validate_config
+from .layer import BACKENDS, PREFIX_RE, validate_config
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ EXIT_REFUSED = 6  # --unlink while live processes are attached, without --force
 EXIT_DAMAGED = 7  # truncated or inconsistent segment, or its lock is stuck
 EXIT_INTERRUPTED = 130  # Ctrl-C before the work was done (128 + SIGINT)
 
-BACKENDS = ("dmb.SharedMemoryChannelLayer", "dmb.layer.SharedMemoryChannelLayer")
 COUNTERS = (
     "sent",
     "received",

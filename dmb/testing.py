@@ -25,9 +25,8 @@ import os
 import secrets
 
 from .errors import ConfigError
+from .layer import BACKENDS, validate_config
 from .segment import segment_name, unlink_segment
-
-BACKENDS = ("dmb.SharedMemoryChannelLayer", "dmb.layer.SharedMemoryChannelLayer")
 
 
 def test_prefix(base="test"):
@@ -44,8 +43,6 @@ def test_config(alias, entry):
     A mistake in CONFIG raises ConfigError as CONFIG's; one that TEST_CONFIG
     brings raises it naming TEST_CONFIG.
     """
-    from .layer import validate_config
-
     overrides = entry.get("TEST_CONFIG", {})
     where = f"CHANNEL_LAYERS[{alias!r}]['TEST_CONFIG']"
     if not isinstance(overrides, dict):

@@ -19,6 +19,7 @@ import time
 
 from dmb._ring_cffi import ffi, lib
 
+from dmb.inspect import COUNTERS
 from dmb.segment import Segment
 
 PEER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dmb_peer.py")
@@ -37,41 +38,34 @@ def attached(name):
         segment.close()
 
 
+#: What stats() reads besides the counters.
+USAGE = (
+    "queued",
+    "used_slots",
+    "used_channels",
+    "used_groups",
+    "used_members",
+    "used_nodes",
+    "used_blocks",
+    "size",
+    "version",
+)
+
+
+def stats_of(handle):
+    """The counters and usage of the segment behind a C handle, as a dict."""
+    out = ffi.new("struct dmb_stats *")
+    rc = lib.dmb_stats(handle, out)
+    assert rc == 0, rc
+    result = {field: getattr(out.counters, field) for field in COUNTERS}
+    result.update({field: getattr(out, field) for field in USAGE})
+    return result
+
+
 def stats(name):
     """The segment's counters and usage, as a plain dict."""
-    out = ffi.new("struct dmb_stats *")
     with attached(name) as handle:
-        assert lib.dmb_stats(handle, out) == 0
-    counters = out.counters
-    result = {
-        field: getattr(counters, field)
-        for field in (
-            "sent",
-            "received",
-            "expired",
-            "dropped_full",
-            "dropped_dead",
-            "flushed",
-            "group_sends",
-            "bytes_sent",
-            "refused_full",
-            "refused_nospace",
-            "repairs",
-        )
-    }
-    for field in (
-        "queued",
-        "used_slots",
-        "used_channels",
-        "used_groups",
-        "used_members",
-        "used_nodes",
-        "used_blocks",
-        "size",
-        "version",
-    ):
-        result[field] = getattr(out, field)
-    return result
+        return stats_of(handle)
 
 
 def identity_holds(counts):

@@ -12,27 +12,9 @@ import zlib
 
 from dmb._ring_cffi import ffi, lib
 
-#: The outcomes of the accounting identity, as the segment counts them.
-OUTCOMES = ("received", "expired", "dropped_full", "dropped_dead", "flushed")
-USAGE = (
-    "used_slots",
-    "used_channels",
-    "used_groups",
-    "used_members",
-    "used_nodes",
-    "used_blocks",
-    "queued",
-)
-COUNTERS = (
-    ("sent",)
-    + OUTCOMES
-    + (
-        "group_sends",
-        "refused_full",
-        "refused_nospace",
-        "repairs",
-    )
-)
+# The tests take these from here with the rest.
+from dmb_tools import OUTCOMES, USAGE, identity_holds  # noqa: F401
+from dmb_tools import stats_of as stats
 
 
 def handle_of(layer):
@@ -40,23 +22,6 @@ def handle_of(layer):
     if layer._slot is None:
         layer._attach()
     return layer._h
-
-
-def stats(handle):
-    """Usage and counters of the segment, as a plain dict."""
-    out = ffi.new("struct dmb_stats *")
-    rc = lib.dmb_stats(handle, out)
-    assert rc == 0, rc
-    result = {name: getattr(out, name) for name in USAGE}
-    result.update({name: getattr(out.counters, name) for name in COUNTERS})
-    return result
-
-
-def identity_holds(numbers):
-    """sent == received + expired + dropped_full + dropped_dead + flushed
-    + queued."""
-    ended = sum(numbers[name] for name in OUTCOMES) + numbers["queued"]
-    return numbers["sent"] == ended
 
 
 def format_counters(numbers):
