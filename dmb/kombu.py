@@ -178,34 +178,26 @@ class _Slot:
         self.segment = segment
         self.pid = os.getpid()
         self.released = False
-        h = segment.handle
-        start_time = seg.process_start_time(self.pid)
         self.token = secrets.randbits(62) | 1
-        client = secrets.token_hex(8).encode()
         self.doorbell = Doorbell(seg.wake_path(segment.name, self.token), mode)
-
-        def acquire():
-            now = time.monotonic_ns()
-            return lib.dmb_slot_acquire(
-                h, self.pid, start_time, self.token, client, len(client), now
+        try:
+            index, self.gen = seg.acquire_slot(
+                segment.handle,
+                segment.name,
+                self.token,
+                secrets.token_hex(8).encode(),
+                lambda: reclaim_dead_slots(segment),
             )
-
-        index = acquire()
-        if index == lib.DMB_ERR_SLOTS:
-            reclaim_dead_slots(segment)
-            index = acquire()
+        except BaseException:
+            self.doorbell.close()
+            raise
         if index < 0:
             self.doorbell.close()
-            raise SegmentFull(
-                f"segment {segment.name!r} has no free process slot: "
-                f"{lib.DMB_MAX_SLOTS} are in use; see them with `python -m "
-                f"dmb.inspect --name {segment.name}`"
+            raise SegmentError(
+                f"segment {segment.name!r} refused a process slot (code {index})"
             )
-        info = ffi.new("struct dmb_slot_info *")
-        lib.dmb_slot_info(h, index, info)
         self.index = index
-        self.gen = info.gen
-        self.owner = f"{index:x}.{info.gen:x}"
+        self.owner = f"{index:x}.{self.gen:x}"
         self._poll = select.poll()
         self._poll.register(self.doorbell.fd, select.POLLIN)
         _slots.add(self)

@@ -46,6 +46,8 @@ DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024
 IGNORED_OPTIONS = ("hosts", "symmetric_encryption_keys")
 #: What a prefix may hold (use fullmatch: "$" would let a final newline in).
 PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]+")
+#: The BACKEND strings that name this layer in CHANNEL_LAYERS.
+BACKENDS = ("dmb.SharedMemoryChannelLayer", "dmb.layer.SharedMemoryChannelLayer")
 #: The key channels_redis writes into messages to route them; refused here.
 RESERVED_KEY = "__asgi_channel__"
 
@@ -140,9 +142,7 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
             ) from None
 
     def _take_slot(self):
-        pid = os.getpid()
-        self._pid = pid
-        self._start_time = seg.process_start_time(pid)
+        self._pid = os.getpid()
         self._client = secrets.token_hex(8)
         self._token = secrets.randbits(62) | 1
         self._doorbell = Doorbell(
@@ -153,37 +153,22 @@ class SharedMemoryChannelLayer(BaseChannelLayer):
         self._waiting_index = {}  # channel index in the segment -> name
         self._index_of = {}  # name -> channel index
         self._last_sweep = 0
-        slot = self._acquire_slot()
-        if slot == lib.DMB_ERR_SLOTS:
-            self._sweep(force=True)
-            slot = self._acquire_slot()
-        if slot < 0 and slot != lib.DMB_ERR_SLOTS:
+        try:
+            slot, self._gen = seg.acquire_slot(
+                self._h,
+                self.segment_name,
+                self._token,
+                self._client.encode(),
+                lambda: self._sweep(force=True),
+            )
+        except BaseException:
             self._doorbell.close()
-            raise self._error(slot, "attach")
+            raise
         if slot < 0:
             self._doorbell.close()
-            raise SegmentFull(
-                f"segment {self.segment_name!r} has no free process slot: "
-                f"{lib.DMB_MAX_SLOTS} processes are attached; see them with "
-                f"`python -m dmb.inspect --prefix {self.prefix}`"
-            )
-        info = ffi.new("struct dmb_slot_info *")
-        lib.dmb_slot_info(self._h, slot, info)
-        self._gen = info.gen
+            raise self._error(slot, "attach")
         self._slot = slot
         self._sweep(force=True)
-
-    def _acquire_slot(self):
-        client = self._client.encode()
-        return lib.dmb_slot_acquire(
-            self._h,
-            self._pid,
-            self._start_time,
-            self._token,
-            client,
-            len(client),
-            time.monotonic_ns(),
-        )
 
     def _release_slot(self):
         """Give our slot back; the segment reclaims what it held."""

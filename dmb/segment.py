@@ -26,7 +26,7 @@ import time
 import posix_ipc
 
 from ._ring_cffi import ffi, lib
-from .errors import SegmentCorrupt, SegmentError
+from .errors import SegmentCorrupt, SegmentError, SegmentFull
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,40 @@ _FILE_KINDS = {
     stat.S_IFCHR: "character device",
     stat.S_IFBLK: "block device",
 }
+
+
+def acquire_slot(handle, name, token, client, reclaim_dead):
+    """Take a process slot for this process: (slot, its generation).
+
+    When every slot is taken, ``reclaim_dead()`` frees those of dead
+    processes and the slot is asked for once more.  Raises SegmentFull if
+    none is free even then; any other refusal comes back as the C error
+    code in place of the slot, for the caller to explain.
+    """
+    pid = os.getpid()
+    start_time = process_start_time(pid)
+
+    def acquire():
+        now = time.monotonic_ns()
+        return lib.dmb_slot_acquire(
+            handle, pid, start_time, token, client, len(client), now
+        )
+
+    slot = acquire()
+    if slot == lib.DMB_ERR_SLOTS:
+        reclaim_dead()
+        slot = acquire()
+    if slot == lib.DMB_ERR_SLOTS:
+        raise SegmentFull(
+            f"segment {name!r} has no free process slot: {lib.DMB_MAX_SLOTS} "
+            f"processes are attached; see them with `python -m dmb.inspect "
+            f"--name {name}`"
+        )
+    if slot < 0:
+        return slot, None
+    info = ffi.new("struct dmb_slot_info *")
+    lib.dmb_slot_info(handle, slot, info)
+    return slot, info.gen
 
 
 class Segment:
