@@ -1442,10 +1442,8 @@ def _purge(reader, args, out):
             },
         )
     else:
-        _write(
-            out,
-            [f"purged {_count(purged, 'message')} from {args.purge!r} in {reader.name}"],
-        )
+        dropped = _count(purged, "message")
+        _write(out, [f"purged {dropped} from {args.purge!r} in {reader.name}"])
     return EXIT_OK
 
 

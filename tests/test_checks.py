@@ -60,7 +60,11 @@ def test_unknown_option_is_an_error_naming_it():
     [({"capcity": 5}, "capcity"), ({"size": 10}, "'size'"), ("small", "dict")],
 )
 def test_a_wrong_test_config_is_an_error_naming_test_config(test_config, wrong):
-    entry = {"BACKEND": BACKEND, "CONFIG": {"prefix": "site"}, "TEST_CONFIG": test_config}
+    entry = {
+        "BACKEND": BACKEND,
+        "CONFIG": {"prefix": "site"},
+        "TEST_CONFIG": test_config,
+    }
     with override_settings(CHANNEL_LAYERS={"default": entry}):
         messages = check_channel_layers()
         assert ids(messages) == ["dmb.E002"]

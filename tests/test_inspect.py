@@ -457,7 +457,8 @@ def test_unlink_is_refused_while_live_processes_are_attached(make_layer):
     layer = make_layer()
     result = run_cli("--prefix", layer.prefix, "--unlink")
     assert result.returncode == 6
-    assert f"1 live process is attached to {layer.segment_name} (pid {os.getpid()})" in result.stderr
+    refusal = f"1 live process is attached to {layer.segment_name} (pid {os.getpid()})"
+    assert refusal in result.stderr
     assert os.path.exists(segment_path(layer.segment_name))
     result = run_cli("--prefix", layer.prefix, "--unlink", "--force", "--json")
     assert result.returncode == 0, result.stderr

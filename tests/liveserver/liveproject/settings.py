@@ -29,7 +29,9 @@ DATABASES = {
 
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": os.environ.get("LIVEPROJECT_BACKEND", "dmb.SharedMemoryChannelLayer"),
+        "BACKEND": os.environ.get(
+            "LIVEPROJECT_BACKEND", "dmb.SharedMemoryChannelLayer"
+        ),
         "CONFIG": {"prefix": "liveproject"},
         "TEST_CONFIG": {"prefix": "liveproject-test", "size": 4 * 1024 * 1024},
     }
